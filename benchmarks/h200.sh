@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU runs on the lent H200 (python3.12 stack, no network): installs the carried
+# jax-triton wheel from .whl/, prints versions, then runs each requested step, with logs
+# and JSON under $OUT. Usage: bash benchmarks/h200.sh STEP [STEP ...]
+#   tests        pytest -m gpu (the triton backend against the oracle and reference)
+#   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
+#   pytest:ARGS  pytest with ARGS (comma-separated), e.g. pytest:-k,topk
+#   bench:ARGS   hsae bench with ARGS (comma-separated)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/hsae-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+python3 - <<'PY'
+import jax, jaxlib, triton, torch, flax, optax, chex
+import hsae_jax.backends as b
+print(f"jax {jax.__version__} jaxlib {jaxlib.__version__} triton {triton.__version__} "
+      f"torch {torch.__version__} flax {flax.__version__} optax {optax.__version__}")
+print("devices", jax.devices(), "triton_available", b.triton_available())
+import jax_triton; print("jax_triton", jax_triton.__version__)
+PY
+status=0
+for step in "$@"; do
+  echo "=== $step"
+  case "$step" in
+    tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    sweep) python3 benchmarks/sweep_fused.py --out "$OUT/sweep_fused.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    bench-loss) python3 -m hsae_jax.cli bench --seed-module .seed/hierarchical_kernels.py \
+        --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" ;;
+    pytest:*) IFS=, read -ra a <<<"${step#pytest:}"
+      python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
+    bench:*) IFS=, read -ra a <<<"${step#bench:}"
+      python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+exit $status

@@ -1,0 +1,188 @@
+"""The public decoder-loss ops and the custom_vjp every fast backend sits behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsae_jax import backends
+from hsae_jax.loss.common import combine_prefix_sse, normalized_prefix_weights
+from hsae_jax.loss.config import TritonLossConfig
+from hsae_jax.loss.reference import prefix_sse_reference
+from hsae_jax.loss.triton_loss import TritonLoss
+from hsae_jax.loss.validation import check_loss_inputs
+from hsae_jax.loss.xla import XlaLoss, XlaLossConfig
+
+LossConfig = TritonLossConfig | XlaLossConfig
+
+
+def _implementation(backend: str, config: LossConfig | None):
+    """The implementation object for a user-facing backend name (None: reference)."""
+    concrete = backends.resolve_backend(backend)
+    if config is not None and not isinstance(config, (TritonLossConfig, XlaLossConfig)):
+        raise TypeError(
+            f"config must be a TritonLossConfig or XlaLossConfig, got {type(config).__name__}"
+        )
+    wants_triton = concrete in backends.KERNEL_BACKENDS
+    if backend != "auto" and config is not None and (
+        isinstance(config, TritonLossConfig) != wants_triton or concrete == "reference"
+    ):
+        raise TypeError(f"config={config!r} does not configure backend={backend!r}")
+    if concrete == "reference":
+        return None
+    if wants_triton:
+        cfg = config if isinstance(config, TritonLossConfig) else TritonLossConfig()
+        return TritonLoss(concrete, cfg)
+    return XlaLoss(config if isinstance(config, XlaLossConfig) else XlaLossConfig())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The non-differentiable, hashable part of one call: implementation and dtypes."""
+
+    impl: Any
+    weight_dtype: np.dtype
+    vals_dtype: np.dtype
+    bias_dtype: np.dtype
+    target_dtype: np.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _loss(static, indices, weight, vals, bias, target, prefix_weights):
+    sse = static.impl.prefix_sse(indices, weight, vals, bias, target)
+    return combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, sse.shape[1]),
+                              weight.shape[1])
+
+
+def _loss_fwd(static, indices, weight, vals, bias, target, prefix_weights):
+    b, k = indices.shape
+    d = weight.shape[1]
+    normalized = normalized_prefix_weights(prefix_weights, k)
+    coef = normalized / (b * d)
+    sse, residuals = static.impl.forward(indices, weight, vals, bias, target, coef)
+    mse_per_prefix = jnp.sum(sse, axis=0) / (b * d)
+    loss = jnp.sum(normalized * mse_per_prefix)
+    return loss, (residuals, coef, mse_per_prefix, prefix_weights)
+
+
+def _loss_bwd(static, saved, cotangent):
+    residuals, coef, mse_per_prefix, prefix_weights = saved
+    dweight, dvals, resid_sum = static.impl.backward(residuals, coef)
+    _, prefix_vjp = jax.vjp(
+        lambda w: jnp.sum(normalized_prefix_weights(w, w.shape[0]) * mse_per_prefix),
+        prefix_weights,
+    )
+    (dprefix,) = prefix_vjp(cotangent)
+    return (
+        None,
+        (cotangent * dweight).astype(static.weight_dtype),
+        (cotangent * dvals).astype(static.vals_dtype),
+        (cotangent * jnp.sum(resid_sum, axis=0)).astype(static.bias_dtype),
+        (-cotangent * resid_sum).astype(static.target_dtype),
+        dprefix.astype(prefix_weights.dtype),
+    )
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+def hierarchical_sae_loss(
+    indices: jax.Array,  # [B, K] int32/int64
+    weight: jax.Array,  # [F, D]
+    vals: jax.Array,  # [B, K]
+    bias: jax.Array,  # [D]
+    target: jax.Array,  # [B, D]
+    *,
+    prefix_weights: jax.Array | None = None,  # [K]
+    backend: str = "auto",
+    config: LossConfig | None = None,
+) -> jax.Array:
+    """HierarchicalTopK decoder loss: the mean squared error of every prefix reconstruction.
+
+    With ``recon_k = bias + sum_{j<=k} vals[:, j, None] * weight[indices[:, j]]`` for
+    k = 1..K, returns the float32 scalar
+
+        sum_k w_k * mean_{b,d}((recon_k - target)^2) / sum_k w_k
+
+    where ``w = prefix_weights`` (None: all ones, which is the seed's loss, the mean over
+    B x K x D). A one-hot ``w`` on the last position is the plain TopK loss; weight on a
+    few positions trains for those budgets only.
+
+    Args:
+      indices: [B, K] int32 or int64, the selected latents of each row, in order.
+        An index outside [0, F) selects no row: it contributes nothing, its ``vals``
+        gradient is 0 and the weight gradient gets nothing from it.
+      weight: [F, D] decoder rows; float32, bfloat16 or float16.
+      vals: [B, K] latent values; float32, bfloat16 or float16.
+      bias: [D] decoder bias; float32, bfloat16 or float16.
+      target: [B, D] the activations to reconstruct; float32, bfloat16 or float16.
+      prefix_weights: optional [K] non-negative float weights of the K prefix losses.
+      backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"`` or ``"reference"``
+        (see :mod:`hsae_jax.backends`).
+      config: a :class:`TritonLossConfig` or :class:`XlaLossConfig` for that backend.
+
+    Differentiable (``jax.grad``, ``jax.value_and_grad``, under ``jax.jit``) with respect
+    to weight, vals, bias, target and prefix_weights; each gradient has its primal's
+    dtype. All arithmetic accumulates in float32.
+    """
+    check_loss_inputs(indices, weight, vals, bias, target, prefix_weights)
+    impl = _implementation(backend, config)
+    k = indices.shape[1]
+    if impl is None:
+        sse = prefix_sse_reference(indices, weight, vals, bias, target)
+        return combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, k),
+                                  weight.shape[1])
+    if prefix_weights is None:
+        prefix_weights = jnp.ones((k,), jnp.float32)
+    static = _Static(impl, jnp.dtype(weight.dtype), jnp.dtype(vals.dtype),
+                     jnp.dtype(bias.dtype), jnp.dtype(target.dtype))
+    return _loss(static, indices, weight, vals, bias, target, prefix_weights)
+
+
+def topk_sae_loss(
+    indices: jax.Array,  # [B, K]
+    weight: jax.Array,  # [F, D]
+    vals: jax.Array,  # [B, K]
+    bias: jax.Array,  # [D]
+    target: jax.Array,  # [B, D]
+    *,
+    backend: str = "auto",
+    config: LossConfig | None = None,
+) -> jax.Array:
+    """Plain TopK SAE loss: mean_{b,d} of the full-K reconstruction's squared error.
+
+    The one-hot-last case of :func:`hierarchical_sae_loss` (same kernels, same cost).
+    """
+    check_loss_inputs(indices, weight, vals, bias, target)
+    k = indices.shape[1]
+    one_hot_last = jnp.zeros((k,), jnp.float32).at[k - 1].set(1.0)
+    return hierarchical_sae_loss(indices, weight, vals, bias, target,
+                                 prefix_weights=one_hot_last, backend=backend, config=config)
+
+
+def hierarchical_sae_prefix_sse(
+    indices: jax.Array,  # [B, K]
+    weight: jax.Array,  # [F, D]
+    vals: jax.Array,  # [B, K]
+    bias: jax.Array,  # [D]
+    target: jax.Array,  # [B, D]
+    *,
+    backend: str = "auto",
+    config: LossConfig | None = None,
+) -> jax.Array:
+    """[B, K] float32: sum over D of the squared error of every prefix reconstruction.
+
+    Entry [b, k-1] is ||recon_k(b) - target(b)||^2: FVU at every budget k = 1..K comes
+    from one call. Forward only (not differentiable on the kernel backends); the kernel
+    backends never materialise [B, K, D].
+    """
+    check_loss_inputs(indices, weight, vals, bias, target)
+    impl = _implementation(backend, config)
+    if impl is None:
+        return prefix_sse_reference(indices, weight, vals, bias, target)
+    return impl.prefix_sse(indices, weight, vals, bias, target)

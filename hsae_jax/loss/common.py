@@ -1,0 +1,48 @@
+"""Pieces every backend of the decoder loss shares: index masking, prefix weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def valid_indices(indices: jax.Array, num_rows: int) -> jax.Array:
+    """[B, K] bool: which indices select a row of a [num_rows, D] weight.
+
+    Out-of-range indices (negative or >= F) select no row: that latent contributes
+    nothing to any reconstruction, its ``vals`` gradient is 0 and no row of the weight
+    gradient receives anything from it. Every backend implements this rule.
+    """
+    return (indices >= 0) & (indices < num_rows)
+
+
+def safe_indices(indices: jax.Array, num_rows: int) -> jax.Array:
+    """[B, K] int32/int64: ``indices`` with every out-of-range entry replaced by ``num_rows``.
+
+    ``num_rows`` is past the end, so ``jnp.take(..., mode="fill")`` reads zeros for it and
+    ``.at[...].add(..., mode="drop")`` drops it (a negative index would wrap instead).
+    """
+    return jnp.where(valid_indices(indices, num_rows), indices, num_rows)
+
+
+def gather_rows(weight: jax.Array, indices: jax.Array) -> jax.Array:
+    """[B, K, D] float32: ``weight[indices]``, with zero rows for out-of-range indices."""
+    safe = safe_indices(indices, weight.shape[0])
+    return jnp.take(weight, safe, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+
+
+def normalized_prefix_weights(prefix_weights: jax.Array | None, k: int) -> jax.Array:
+    """[K] float32 weights of the K prefix losses, summing to 1 (uniform for None)."""
+    if prefix_weights is None:
+        return jnp.full((k,), 1.0 / k, jnp.float32)
+    w = prefix_weights.astype(jnp.float32)
+    return w / jnp.sum(w)
+
+
+def combine_prefix_sse(prefix_sse: jax.Array, weights: jax.Array, d: int) -> jax.Array:
+    """Scalar float32 loss from [B, K] per-prefix SSE and normalised [K] weights.
+
+    loss = sum_k weights_k * mean_{b, d}(r_k^2).
+    """
+    b = prefix_sse.shape[0]
+    return jnp.sum(jnp.sum(prefix_sse, axis=0) * weights) / (b * d)

@@ -1,0 +1,122 @@
+"""Pure-JAX decoder loss that never materialises [B, K, D]: the ``"xla"`` backend.
+
+A ``lax.scan`` walks the K latents in chunks of ``chunk`` columns, carrying the running
+reconstruction [B, D]; inside a chunk the prefixes are a cumsum over [B, chunk, D].
+The backward walks the chunks in reverse from the final reconstruction, carrying the
+suffix sum of the per-prefix residual gradients and scatter-adding ``vals * suffix``
+into the [F, D] weight gradient (the seed's algorithm, chunked). Temporary memory is
+O(B * chunk * D + F * D); runs on CPU, GPU and TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from hsae_jax.loss.common import safe_indices
+
+_CHUNK_ELEMENTS = 1 << 25  # float32 elements of one [B, chunk, D] temporary (128 MiB)
+_MAX_CHUNK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaLossConfig:
+    """Static configuration of the xla backend.
+
+    chunk: latents processed per scan step (the [B, chunk, D] tile); None picks
+      ``min(K, 8, 2**25 // (B * D))``, at least 1.
+    """
+
+    chunk: int | None = None
+
+    def resolve(self, b: int, k: int, d: int) -> int:
+        if self.chunk is not None:
+            if self.chunk < 1:
+                raise ValueError(f"XlaLossConfig.chunk={self.chunk} must be >= 1")
+            return min(self.chunk, k)
+        return max(1, min(k, _MAX_CHUNK, _CHUNK_ELEMENTS // (b * d)))
+
+
+def _chunked(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[B, K] -> [K_pad / chunk, B, chunk], padding K with ``fill``."""
+    b, k = x.shape
+    pad = -k % chunk
+    x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
+    return x.reshape(b, -1, chunk).transpose(1, 0, 2)
+
+
+def _unchunked(x: jax.Array, k: int) -> jax.Array:
+    """[n, B, chunk] -> [B, K]."""
+    n, b, chunk = x.shape
+    return x.transpose(1, 0, 2).reshape(b, n * chunk)[:, :k]
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaLoss:
+    """The xla backend, in the form :mod:`hsae_jax.loss.api`'s custom_vjp calls."""
+
+    config: XlaLossConfig = XlaLossConfig()
+
+    def _prepare(self, indices, weight, vals, coef=None):
+        b, k = indices.shape
+        f, d = weight.shape
+        chunk = self.config.resolve(b, k, d)
+        idx = _chunked(safe_indices(indices, f), chunk, f)  # padding selects no row
+        v = _chunked(vals.astype(jnp.float32), chunk, 0.0)
+        c = None
+        if coef is not None:
+            c = jnp.pad(coef, (0, -k % chunk)).reshape(-1, chunk)
+        return idx, v, c
+
+    def prefix_sse(self, indices, weight, vals, bias, target):
+        """[B, K] float32 per-prefix SSE (forward only)."""
+        sse, _ = self.forward(indices, weight, vals, bias, target, None)
+        return sse
+
+    def forward(self, indices, weight, vals, bias, target, coef):
+        """Returns ([B, K] per-prefix SSE, residuals for :meth:`backward`)."""
+        del coef
+        idx, v, _ = self._prepare(indices, weight, vals)
+        t = target.astype(jnp.float32)
+        b, d = t.shape
+
+        def step(recon, xs):
+            idx_c, v_c = xs
+            rows = jnp.take(weight, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+            prefix = recon[:, None, :] + jnp.cumsum(v_c[..., None] * rows, axis=1)
+            diff = prefix - t[:, None, :]
+            return prefix[:, -1, :], jnp.sum(diff * diff, axis=-1)
+
+        recon0 = jnp.broadcast_to(bias.astype(jnp.float32), (b, d))
+        final_recon, sse = jax.lax.scan(step, recon0, (idx, v))
+        return _unchunked(sse, indices.shape[1]), (indices, weight, vals, target, final_recon)
+
+    def backward(self, residuals, coef):
+        """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]), all float32.
+
+        coef [K] float32 is d loss / d (r_k^2) per element; resid_sum is
+        sum_k 2 * coef_k * r_k, the gradient of the loss with respect to the bias per row.
+        """
+        indices, weight, vals, target, final_recon = residuals
+        idx, v, c = self._prepare(indices, weight, vals, coef)
+        t = target.astype(jnp.float32)
+        f, d = weight.shape
+
+        def step(carry, xs):
+            recon_end, suffix, dweight = carry
+            idx_c, v_c, c_c = xs
+            rows = jnp.take(weight, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+            contrib = v_c[..., None] * rows  # [B, chunk, D]
+            recon_start = recon_end - jnp.sum(contrib, axis=1)
+            prefix = recon_start[:, None, :] + jnp.cumsum(contrib, axis=1)
+            grad = (2.0 * c_c)[None, :, None] * (prefix - t[:, None, :])
+            suffix_c = suffix[:, None, :] + jnp.cumsum(grad[:, ::-1], axis=1)[:, ::-1]
+            dvals = jnp.sum(rows * suffix_c, axis=-1)
+            dweight = dweight.at[idx_c].add(v_c[..., None] * suffix_c, mode="drop")
+            return (recon_start, suffix_c[:, 0, :], dweight), dvals
+
+        init = (final_recon, jnp.zeros_like(final_recon), jnp.zeros((f, d), jnp.float32))
+        (_, resid_sum, dweight), dvals = jax.lax.scan(step, init, (idx, v, c), reverse=True)
+        return dweight, _unchunked(dvals, indices.shape[1]), resid_sum

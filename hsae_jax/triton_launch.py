@@ -1,0 +1,137 @@
+"""Launching a Triton kernel from JAX: compiled (jax-triton) or interpreted (CPU).
+
+Both launchers take the arguments in jax-triton's order: the kernel receives every
+input (arrays and Python scalars, in order) first and then one pointer per output.
+Constexpr parameters are passed by keyword.
+
+- ``backend="triton"``: ``jax_triton.triton_call`` (0.3.x and 0.4.x).
+- ``backend="interpret"``: ``jax.pure_callback`` running the same kernel function under
+  Triton's interpreter on torch CPU tensors. Outputs not listed in ``zeroed_outputs``
+  are poisoned (NaN, or -1 for integers) before the launch, so an element a kernel
+  forgets to write shows up in every test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hsae_jax import backends
+
+
+def kernel_module(name: str, backend: str):
+    """Imports the kernel module ``name`` with Triton in the mode ``backend`` needs."""
+    if backend not in backends.KERNEL_BACKENDS:
+        raise ValueError(f"{backend=} does not launch Triton kernels")
+    backends.import_triton("interpret" if backend == "interpret" else "compiled")
+    return importlib.import_module(name)
+
+
+def launch(
+    kernel,
+    *args: Any,
+    out_shape: Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    backend: str,
+    zeroed_outputs: Sequence[int] = (),
+    num_warps: int = 4,
+    num_stages: int = 2,
+    **constexprs: Any,
+) -> list[jax.Array]:
+    """Runs ``kernel`` on ``grid`` and returns its outputs (a list, one per out_shape)."""
+    out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape]
+    grid = tuple(int(g) for g in grid)
+    if any(g < 1 for g in grid):
+        raise ValueError(f"{grid=} must be positive")
+    if backend == "triton":
+        return _launch_compiled(kernel, args, out_shape, grid, tuple(zeroed_outputs),
+                                num_warps, num_stages, constexprs)
+    if backend == "interpret":
+        return _launch_interpreted(kernel, args, out_shape, grid, tuple(zeroed_outputs),
+                                   constexprs)
+    raise ValueError(f"{backend=} does not launch Triton kernels")
+
+
+def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, num_warps, num_stages,
+                     constexprs):
+    jt = backends.import_jax_triton()
+    version = tuple(int(p) for p in jt.__version__.split(".")[:2])
+    shape_kw = "out_shape" if version < (0, 4) else "out_type"
+    with warnings.catch_warnings():
+        # 0.4.x deprecates zeroed_outputs in favour of Ref arguments; 0.3.x has no Refs.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        outs = jt.triton_call(
+            *args,
+            kernel=kernel,
+            grid=grid,
+            name=kernel.__name__,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            zeroed_outputs=zeroed_outputs,
+            **{shape_kw: out_shape},
+            **constexprs,
+        )
+    return list(outs)
+
+
+# --------------------------------------------------------------------------- interpret
+
+
+def _to_torch(array: np.ndarray):
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == jax.numpy.bfloat16:
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def _to_numpy(tensor, dtype) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(jax.numpy.bfloat16)
+    return tensor.numpy().astype(dtype, copy=False)
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return {
+        np.dtype("float32"): torch.float32,
+        np.dtype("float64"): torch.float64,
+        np.dtype("float16"): torch.float16,
+        np.dtype(jax.numpy.bfloat16): torch.bfloat16,
+        np.dtype("int32"): torch.int32,
+        np.dtype("int64"): torch.int64,
+    }[np.dtype(dtype)]
+
+
+def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
+    import torch
+
+    array_positions = [i for i, a in enumerate(args) if not isinstance(a, (int, float, bool))]
+    arrays = [args[i] for i in array_positions]
+
+    def host(*host_arrays):
+        call_args = list(args)
+        for position, value in zip(array_positions, host_arrays, strict=True):
+            call_args[position] = _to_torch(np.asarray(value))
+        outputs = []
+        for index, spec in enumerate(out_shape):
+            dtype = _torch_dtype(spec.dtype)
+            if index in zeroed_outputs:
+                outputs.append(torch.zeros(spec.shape, dtype=dtype))
+            elif dtype.is_floating_point:
+                outputs.append(torch.full(spec.shape, float("nan"), dtype=dtype))
+            else:
+                outputs.append(torch.full(spec.shape, -1, dtype=dtype))
+        kernel[grid](*call_args, *outputs, **constexprs)
+        return tuple(_to_numpy(o, s.dtype) for o, s in zip(outputs, out_shape, strict=True))
+
+    return list(jax.pure_callback(host, tuple(out_shape), *arrays))
