@@ -4,8 +4,9 @@
 # and JSON under $OUT. Usage: bash benchmarks/h200.sh STEP [STEP ...]
 #   tests        pytest -m gpu (the triton backend against the oracle and reference)
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
-#   pytest:ARGS  pytest with ARGS (comma-separated), e.g. pytest:-k,topk
-#   bench:ARGS   hsae bench with ARGS (comma-separated)
+#   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
+#   "pytest:ARGS" pytest with ARGS (space-separated; quote the step)
+#   "bench:ARGS"  hsae bench with ARGS (space-separated; quote the step)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/hsae-out}
@@ -26,12 +27,13 @@ for step in "$@"; do
   echo "=== $step"
   case "$step" in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    sweep) python3 benchmarks/sweep_fused.py --out "$OUT/sweep_fused.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    sweep) python3 benchmarks/sweep_loss.py --seed-module .seed/hierarchical_kernels.py \
+        --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
     bench-loss) python3 -m hsae_jax.cli bench --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" ;;
-    pytest:*) IFS=, read -ra a <<<"${step#pytest:}"
+    pytest:*) read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
-    bench:*) IFS=, read -ra a <<<"${step#bench:}"
+    bench:*) read -ra a <<<"${step#bench:}"
       python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -6,6 +6,8 @@ and the Triton kernels (both variants) compiled on a GPU or interpreted on the C
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from hsae_jax import TritonLossConfig, XlaLossConfig
 
 FUSED = TritonLossConfig(variant="fused")
 TWO_PASS = TritonLossConfig(variant="two_pass")
+
 
 BACKENDS = [
     pytest.param("reference", None, id="reference"),
@@ -51,6 +54,7 @@ DTYPE_CASES = {
     "mixed": ("bfloat16", "float32", "float16", "bfloat16"),
 }
 
+KERNELS = ("interpret", "triton")
 GRAD_NAMES = ("weight", "vals", "bias", "target", "prefix_weights")
 
 
@@ -211,3 +215,21 @@ def test_xla_backend_passes_check_grads(rng_seed):
 
     jax.test_util.check_grads(loss, (weight, vals, bias, target), order=1, modes=["rev"],
                               eps=1e-2, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend, config", [b for b in BACKENDS if b.values[0] in KERNELS])
+def test_prefix_weight_gradient_costs_nothing_unless_used(backend, config, rng_seed):
+    """The per-prefix SSE kernel behind d loss / d prefix_weights is compiled away when
+    that gradient is not asked for: training pays for one fused kernel only."""
+    indices, weight, vals, bias, target = make_inputs(rng_seed, 4, 5, 9, 17)
+
+    def loss(weight, prefix_weights):
+        return hsae_jax.hierarchical_sae_loss(indices, weight, vals, bias, target,
+                                              prefix_weights=prefix_weights, backend=backend,
+                                              config=config)
+
+    def kernel_calls(argnums) -> int:
+        hlo = jax.jit(jax.grad(loss, argnums=argnums)).lower(weight, jnp.ones(5)).compile()
+        return len(re.findall(r"custom-call\(", hlo.as_text()))
+
+    assert kernel_calls((0, 1)) == kernel_calls((0,)) + 1

@@ -37,6 +37,7 @@ def _implementation(backend: str, config: LossConfig | None):
         return None
     if wants_triton:
         cfg = config if isinstance(config, TritonLossConfig) else TritonLossConfig()
+        cfg.validate()
         return TritonLoss(concrete, cfg)
     return XlaLoss(config if isinstance(config, XlaLossConfig) else XlaLossConfig())
 
@@ -54,36 +55,39 @@ class _Static:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss(static, indices, weight, vals, bias, target, prefix_weights):
-    sse = static.impl.prefix_sse(indices, weight, vals, bias, target)
-    return combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, sse.shape[1]),
-                              weight.shape[1])
+    coef = _coefficients(prefix_weights, indices.shape[0], weight.shape[1])
+    return jnp.sum(static.impl.loss_rows(indices, weight, vals, bias, target, coef))
+
+
+def _coefficients(prefix_weights, b, d):
+    """[K] float32 d loss / d (squared error of one element of prefix k)."""
+    return normalized_prefix_weights(prefix_weights, prefix_weights.shape[0]) / (b * d)
 
 
 def _loss_fwd(static, indices, weight, vals, bias, target, prefix_weights):
-    b, k = indices.shape
-    d = weight.shape[1]
-    normalized = normalized_prefix_weights(prefix_weights, k)
-    coef = normalized / (b * d)
-    sse, residuals = static.impl.forward(indices, weight, vals, bias, target, coef)
-    mse_per_prefix = jnp.sum(sse, axis=0) / (b * d)
-    loss = jnp.sum(normalized * mse_per_prefix)
-    return loss, (residuals, coef, mse_per_prefix, prefix_weights)
+    coef = _coefficients(prefix_weights, indices.shape[0], weight.shape[1])
+    loss_rows, residuals = static.impl.forward(indices, weight, vals, bias, target, coef)
+    inputs = (indices, weight, vals, bias, target)
+    return jnp.sum(loss_rows), (residuals, coef, inputs, prefix_weights)
 
 
 def _loss_bwd(static, saved, cotangent):
-    residuals, coef, mse_per_prefix, prefix_weights = saved
-    dweight, dvals, resid_sum = static.impl.backward(residuals, coef)
-    _, prefix_vjp = jax.vjp(
-        lambda w: jnp.sum(normalized_prefix_weights(w, w.shape[0]) * mse_per_prefix),
-        prefix_weights,
-    )
+    residuals, coef, inputs, prefix_weights = saved
+    dweight, dvals, resid_sum = static.impl.backward(residuals, coef, cotangent)
+
+    def prefix_loss(w):  # the loss as a function of the prefix weights alone
+        sse = static.impl.prefix_sse(*inputs)  # only computed if this gradient is used
+        return combine_prefix_sse(sse, normalized_prefix_weights(w, w.shape[0]),
+                                  inputs[1].shape[1])
+
+    _, prefix_vjp = jax.vjp(prefix_loss, prefix_weights)
     (dprefix,) = prefix_vjp(cotangent)
     return (
         None,
-        (cotangent * dweight).astype(static.weight_dtype),
-        (cotangent * dvals).astype(static.vals_dtype),
-        (cotangent * jnp.sum(resid_sum, axis=0)).astype(static.bias_dtype),
-        (-cotangent * resid_sum).astype(static.target_dtype),
+        dweight.astype(static.weight_dtype),
+        dvals.astype(static.vals_dtype),
+        jnp.sum(resid_sum, axis=0).astype(static.bias_dtype),
+        (-resid_sum).astype(static.target_dtype),
         dprefix.astype(prefix_weights.dtype),
     )
 

@@ -12,9 +12,10 @@ from typing import Literal
 from hsae_jax import _shapes
 
 Variant = Literal["auto", "fused", "two_pass"]
+VARIANTS = ("auto", "fused", "two_pass")
 
-FUSED_TILE_ELEMENTS = 4096  # [BLOCK_B, K_POW2, BLOCK_D] float32 elements held per program
-FUSED_MAX_K_POW2 = 1024  # larger K runs the two-pass kernels
+PREFIX_SSE_TILE_ELEMENTS = 4096  # [BLOCK_B, K_POW2, BLOCK_D] float32 elements per program
+PREFIX_SSE_MAX_K_POW2 = 1024  # larger K computes the prefix SSE with the xla backend
 TARGET_PROGRAMS = 1024  # D is split until a launch has about this many programs
 
 
@@ -42,7 +43,31 @@ class SeedBackwardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
-    """``hierarchical_sae_fused_kernel`` / ``..._prefix_sse_kernel`` launch settings.
+    """``hierarchical_sae_fused_kernel`` launch settings.
+
+    block_b: rows per program (None: 4, fewer for small B so the grid fills the GPU).
+    """
+
+    block_b: int | None = None
+    block_d: int = 64
+    loop_num_stages: int = 4
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def resolve(self, b: int, d: int) -> FusedConfig:
+        block_b = self.block_b
+        if block_b is None:
+            block_b = 4
+            while block_b > 1 and _shapes.cdiv(b, block_b) * _shapes.cdiv(d, self.block_d) < (
+                    TARGET_PROGRAMS):
+                block_b //= 2
+        _check_power_of_two("FusedConfig", block_b=block_b, block_d=self.block_d)
+        return dataclasses.replace(self, block_b=block_b)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixSseConfig:
+    """``hierarchical_sae_prefix_sse_kernel`` launch settings.
 
     Any field left None is chosen per shape by :meth:`resolve`.
     """
@@ -51,56 +76,65 @@ class FusedConfig:
     block_d: int | None = None
     d_split: int | None = None
     num_warps: int | None = None
-    num_stages: int = 1
+    num_stages: int = 2
 
-    def resolve(self, b: int, k: int, d: int) -> FusedConfig:
+    def resolve(self, b: int, k: int, d: int) -> PrefixSseConfig:
         k_pow2 = _shapes.next_power_of_2(k)
         block_d = self.block_d or min(
-            128, _shapes.next_power_of_2(d), max(16, FUSED_TILE_ELEMENTS // k_pow2)
+            128, _shapes.next_power_of_2(d), max(16, PREFIX_SSE_TILE_ELEMENTS // k_pow2)
         )
         block_b = self.block_b or min(
             16, _shapes.next_power_of_2(b),
-            max(1, FUSED_TILE_ELEMENTS // (k_pow2 * block_d)),
+            max(1, PREFIX_SSE_TILE_ELEMENTS // (k_pow2 * block_d)),
         )
-        for name, value in (("block_b", block_b), ("block_d", block_d)):
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"FusedConfig.{name}={value} must be a power of two")
+        _check_power_of_two("PrefixSseConfig", block_b=block_b, block_d=block_d)
         d_tiles = _shapes.cdiv(d, block_d)
         d_split = self.d_split or max(
             1, min(d_tiles, _shapes.cdiv(TARGET_PROGRAMS, _shapes.cdiv(b, block_b)))
         )
         d_split = min(d_split, d_tiles)
         num_warps = self.num_warps or max(1, min(8, block_b * k_pow2 * block_d // 1024))
-        return FusedConfig(block_b, block_d, d_split, num_warps, self.num_stages)
+        return PrefixSseConfig(block_b, block_d, d_split, num_warps, self.num_stages)
 
     def tiles_per_split(self, d: int) -> int:
         return _shapes.cdiv(_shapes.cdiv(d, self.block_d), self.d_split)
+
+
+def _check_power_of_two(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{owner}.{name}={value} must be a power of two")
 
 
 @dataclasses.dataclass(frozen=True)
 class TritonLossConfig:
     """Configuration of the ``"triton"`` and ``"interpret"`` backends.
 
-    variant: ``"fused"`` (one gather, one scatter; K up to 1024), ``"two_pass"`` (the
-      seed's forward and backward kernels), or ``"auto"`` (fused when K allows).
+    variant: ``"fused"`` (forward and backward walks in one kernel: one gather from
+      memory, one scatter; the default), ``"two_pass"`` (the seed's forward kernel, then
+      its backward kernel), or ``"auto"`` (fused).
     """
 
     variant: Variant = "auto"
     fused: FusedConfig = FusedConfig()
     seed_forward: SeedForwardConfig = SeedForwardConfig()
     seed_backward: SeedBackwardConfig = SeedBackwardConfig()
+    prefix_sse: PrefixSseConfig = PrefixSseConfig()
 
-    def resolve_variant(self, k: int) -> str:
-        if self.variant not in ("auto", "fused", "two_pass"):
-            raise ValueError(
-                f"TritonLossConfig.variant={self.variant!r} must be 'auto', 'fused' or "
-                "'two_pass'"
-            )
-        fits = _shapes.next_power_of_2(k) <= FUSED_MAX_K_POW2
-        if self.variant == "fused" and not fits:
-            raise ValueError(
-                f"variant='fused' supports K <= {FUSED_MAX_K_POW2}, got K={k}; use 'two_pass'"
-            )
-        if self.variant == "auto":
-            return "fused" if fits else "two_pass"
-        return self.variant
+    def resolve_variant(self) -> str:
+        return "fused" if self.variant == "auto" else self.variant
+
+    def validate(self) -> None:
+        """Raises ValueError for a setting no kernel accepts (before anything runs)."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"TritonLossConfig.variant={self.variant!r} must be one of {VARIANTS}")
+        for owner, cfg in (("FusedConfig", self.fused), ("SeedForwardConfig", self.seed_forward),
+                           ("SeedBackwardConfig", self.seed_backward),
+                           ("PrefixSseConfig", self.prefix_sse)):
+            sizes = {n: getattr(cfg, n) for n in ("block_b", "block_d")
+                     if getattr(cfg, n) is not None}
+            _check_power_of_two(owner, **sizes)
+            for name in ("num_warps", "num_stages", "loop_num_stages", "d_split"):
+                value = getattr(cfg, name, None)
+                if value is not None and value < 1:
+                    raise ValueError(f"{owner}.{name}={value} must be >= 1")

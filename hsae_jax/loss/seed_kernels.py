@@ -13,11 +13,12 @@ Changes from the seed (``../shared/seed/hierarchical_kernels.py``):
   be a power of two (``K_POW2`` sizes the [BLOCK_B, K] register tiles), B need not be a
   multiple of BLOCK_B and D need not be a multiple of BLOCK_D;
 - an index outside [0, F) selects no row: nothing is loaded or scattered for it;
-- the forward writes the squared error of every prefix, ``sse`` [B, K], instead of one
-  loss per row, so any weighting of the prefixes (and FVU per k) comes out of one pass;
-- the backward takes per-prefix coefficients ``coef`` [K] (the seed: 2 / (B * K * D)
-  for every k) and writes ``resid_sum`` [B, D] = sum_k of the residual gradients, from
-  which the bias and target gradients follow without atomics.
+- both kernels take per-prefix coefficients ``coef`` [K] (the seed: 1 / (B * K * D) for
+  every k), so any weighting of the prefixes costs the same; the backward writes
+  ``resid_sum`` [B, D] = sum_k of the residual gradients, from which the bias and target
+  gradients follow without atomics;
+- ``hierarchical_sae_fused_kernel`` runs the forward walk and the backward walk in one
+  program, the second re-reading the rows the first just gathered (from L2).
 """
 
 import triton
@@ -31,13 +32,13 @@ def hierarchical_sae_forward_kernel(
     bias_ptr,  # [D]
     vals_ptr,  # [B, K]
     target_ptr,  # [B, D]
-    sse_ptr,  # [B, K] float32, zeroed: sum over D of the squared error of prefix k
+    coef_ptr,  # [K] float32: d loss / d (squared error of one element of prefix k)
+    loss_ptr,  # [B] float32, zeroed: sum_k coef_k * ||r_k||^2 of each row
     final_recon_ptr,  # [B, D] float32
     B: tl.constexpr,
     F: tl.constexpr,
     D: tl.constexpr,
     K: tl.constexpr,
-    K_POW2: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
@@ -62,8 +63,7 @@ def hierarchical_sae_forward_kernel(
     recon += bias_tile[None, :]
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
 
-    k_offsets = tl.arange(0, K_POW2)
-    sse_tile = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
+    loss_accum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
 
     row_idx_ptr = indices_ptr + batch_offsets * K
     row_val_ptr = vals_ptr + batch_offsets * K
@@ -79,9 +79,8 @@ def hierarchical_sae_forward_kernel(
 
     for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
         recon += weight_tile * val[:, None]
-        diff = recon - target
-        sq_sum = tl.sum(diff * diff, axis=1)  # padded D lanes hold 0 - 0
-        sse_tile = tl.where(k_offsets[None, :] == t, sq_sum[:, None], sse_tile)
+        diff = recon - target  # padded D lanes hold 0 - 0
+        loss_accum += diff * diff * tl.load(coef_ptr + t)
 
         if t + 1 < K:
             idx = tl.load(row_idx_ptr + (t + 1), mask=batch_mask, other=0).to(tl.int64)
@@ -93,12 +92,8 @@ def hierarchical_sae_forward_kernel(
                 other=0.0,
             ).to(tl.float32)
 
-    tl.atomic_add(
-        sse_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
-        sse_tile,
-        mask=batch_mask[:, None] & (k_offsets[None, :] < K),
-        sem="relaxed",
-    )
+    tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,
+                  sem="relaxed")
     tl.store(final_recon_ptr + batch_d_offset, recon, mask=tile_mask)
 
 
@@ -195,3 +190,84 @@ def hierarchical_sae_backward_kernel(
         mask=batch_mask[:, None] & (k_offsets[None, :] < K),
         sem="relaxed",
     )
+
+
+@triton.jit
+def hierarchical_sae_fused_kernel(
+    indices_ptr,  # [B, K] int32/int64
+    weight_ptr,  # [F, D]
+    bias_ptr,  # [D]
+    vals_ptr,  # [B, K]
+    target_ptr,  # [B, D]
+    coef_ptr,  # [K] float32: d loss / d (squared error of one element of prefix k)
+    loss_ptr,  # [B] float32, zeroed: sum_k coef_k * ||r_k||^2 of each row
+    weight_grad_ptr,  # [F, D] float32, zeroed
+    vals_grad_ptr,  # [B, K] float32, zeroed
+    resid_sum_ptr,  # [B, D] float32: sum_k 2 * coef_k * r_k
+    B: tl.constexpr,
+    F: tl.constexpr,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LOOP_NUM_STAGES: tl.constexpr,
+):
+    """The forward walk and the backward walk of one (row block, D tile) in one program.
+
+    The backward walk re-reads the K rows the forward walk just gathered; a program's
+    rows (K * BLOCK_B * BLOCK_D elements) are few enough to be served from L2, so memory
+    sees one gather and one scatter. The final reconstruction never leaves registers.
+    """
+    pid_b = tl.program_id(axis=0).to(tl.int64)
+    pid_d = tl.program_id(axis=1).to(tl.int64)
+
+    batch_offsets = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    batch_mask = batch_offsets < B
+    offset_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    d_mask = offset_d < D
+    tl.max_contiguous(tl.multiple_of(offset_d, BLOCK_D), BLOCK_D)
+    batch_d_offset = batch_offsets[:, None] * D + offset_d[None, :]
+    tile_mask = batch_mask[:, None] & d_mask[None, :]
+
+    bias_tile = tl.load(bias_ptr + offset_d, mask=d_mask, other=0.0).to(tl.float32)
+    recon = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + bias_tile[None, :]
+    target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
+    row_idx_ptr = indices_ptr + batch_offsets * K
+    row_val_ptr = vals_ptr + batch_offsets * K
+    loss_accum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+
+    for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
+        idx = tl.load(row_idx_ptr + t, mask=batch_mask, other=0).to(tl.int64)
+        row_ok = batch_mask & (idx >= 0) & (idx < F)
+        val = tl.load(row_val_ptr + t, mask=batch_mask, other=0.0).to(tl.float32)
+        weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
+                              mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        recon += weight_tile * val[:, None]
+        diff = recon - target
+        loss_accum += diff * diff * tl.load(coef_ptr + t)
+
+    k_offsets = tl.arange(0, K_POW2)
+    suffix = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    val_grad_tile = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
+    for i in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
+        t = K - 1 - i
+        idx = tl.load(row_idx_ptr + t, mask=batch_mask, other=0).to(tl.int64)
+        row_ok = batch_mask & (idx >= 0) & (idx < F)
+        val = tl.load(row_val_ptr + t, mask=batch_mask, other=0.0).to(tl.float32)
+        weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
+                              mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        suffix += (recon - target) * (2.0 * tl.load(coef_ptr + t))
+        tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
+                      suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
+                      sem="relaxed")
+        val_grad_tile = tl.where(k_offsets[None, :] == t,
+                                 tl.sum(weight_tile * suffix, axis=1)[:, None], val_grad_tile)
+        recon -= weight_tile * val[:, None]
+
+    tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
+    tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,
+                  sem="relaxed")
+    tl.atomic_add(vals_grad_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
+                  val_grad_tile, mask=batch_mask[:, None] & (k_offsets[None, :] < K),
+                  sem="relaxed")

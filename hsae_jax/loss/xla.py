@@ -72,12 +72,19 @@ class XlaLoss:
 
     def prefix_sse(self, indices, weight, vals, bias, target):
         """[B, K] float32 per-prefix SSE (forward only)."""
-        sse, _ = self.forward(indices, weight, vals, bias, target, None)
-        return sse
+        return self._forward_scan(indices, weight, vals, bias, target)[0]
+
+    def loss_rows(self, indices, weight, vals, bias, target, coef):
+        """[B] float32: sum_k coef_k * ||recon_k - target||^2 per row (forward only)."""
+        return self.prefix_sse(indices, weight, vals, bias, target) @ coef
 
     def forward(self, indices, weight, vals, bias, target, coef):
-        """Returns ([B, K] per-prefix SSE, residuals for :meth:`backward`)."""
-        del coef
+        """Returns ([B] loss per row, residuals for :meth:`backward`)."""
+        sse, final_recon = self._forward_scan(indices, weight, vals, bias, target)
+        return sse @ coef, (indices, weight, vals, target, final_recon)
+
+    def _forward_scan(self, indices, weight, vals, bias, target):
+        """([B, K] per-prefix SSE, [B, D] final reconstruction), float32."""
         idx, v, _ = self._prepare(indices, weight, vals)
         t = target.astype(jnp.float32)
         b, d = t.shape
@@ -91,16 +98,16 @@ class XlaLoss:
 
         recon0 = jnp.broadcast_to(bias.astype(jnp.float32), (b, d))
         final_recon, sse = jax.lax.scan(step, recon0, (idx, v))
-        return _unchunked(sse, indices.shape[1]), (indices, weight, vals, target, final_recon)
+        return _unchunked(sse, indices.shape[1]), final_recon
 
-    def backward(self, residuals, coef):
-        """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]), all float32.
+    def backward(self, residuals, coef, cotangent):
+        """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]) float32, times cotangent.
 
         coef [K] float32 is d loss / d (r_k^2) per element; resid_sum is
         sum_k 2 * coef_k * r_k, the gradient of the loss with respect to the bias per row.
         """
         indices, weight, vals, target, final_recon = residuals
-        idx, v, c = self._prepare(indices, weight, vals, coef)
+        idx, v, c = self._prepare(indices, weight, vals, coef * cotangent)
         t = target.astype(jnp.float32)
         f, d = weight.shape
 
