@@ -22,7 +22,6 @@ from hsae_jax import (
 )
 from hsae_jax.bench import common
 from hsae_jax.bench.loss import _seed_torch_runner, load_seed_module
-from hsae_jax.loss.config import FusedLoopConfig
 
 
 def candidates(k: int):
