@@ -5,6 +5,8 @@
 #   tests        pytest -m gpu (the triton backend against the oracle and reference)
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
+#   bench-step   hsae bench --step (whole training steps and their pieces)
+#   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
 #   "pytest:ARGS" pytest with ARGS (space-separated; quote the step)
 #   "bench:ARGS"  hsae bench with ARGS (space-separated; quote the step)
 set -uo pipefail
@@ -31,6 +33,13 @@ for step in "$@"; do
         --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
     bench-loss) python3 -m hsae_jax.cli bench --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" ;;
+    bench-step) python3 -m hsae_jax.cli bench --step --seed-module .seed/hierarchical_kernels.py \
+        --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" ;;
+    train) rm -rf /tmp/hsae-run && python3 -m hsae_jax.cli train --out /tmp/hsae-run \
+        --no-progress --backend triton --d-model 2304 --n-latents 65536 --k 64 \
+        --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \
+        --log-every 25 --eval-every 200 --save-every 400 2>&1 | tee "$OUT/train.log"
+      cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
     pytest:*) read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) read -ra a <<<"${step#bench:}"

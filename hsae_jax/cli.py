@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -16,6 +17,9 @@ def _csv(cast):
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the decoder loss (or, with --step, a step)")
+    p.add_argument("--step", action="store_true",
+                   help="time whole training steps (and their pieces) instead of the loss")
+    p.add_argument("--no-pieces", action="store_true", help="--step: skip per-piece timings")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     p.add_argument("--batch", type=int, help="B (default 4096; tiny 64)")
     p.add_argument("--n-latents", type=int, help="F (default 65536; tiny 512)")
@@ -30,35 +34,97 @@ def _add_bench(sub) -> None:
     p.add_argument("--seed-module", help="path of the seed's hierarchical_kernels.py "
                    "(times the seed's torch kernel on the same data)")
     p.add_argument("--no-check", action="store_true", help="skip error checks vs reference")
-    p.add_argument("--out", default="bench_loss.json", help="JSON output path")
+    p.add_argument("--out", help="JSON output path (default: bench_loss.json or "
+                   "bench_step.json)")
 
 
 def _bench(args) -> int:
     # JAX and torch may share the GPU: don't let XLA take 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from hsae_jax.bench import loss
+    from hsae_jax.bench import loss, step
 
-    overrides = {
+    common = {
         "batch": args.batch, "n_latents": args.n_latents, "d_model": args.d_model,
-        "ks": args.ks, "dtypes": args.dtypes, "distributions": args.distributions,
-        "impls": args.impls, "iters": args.iters, "warmup": args.warmup,
+        "ks": args.ks, "impls": args.impls, "iters": args.iters, "warmup": args.warmup,
         "seed_module": args.seed_module, "out": args.out,
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.no_check:
-        overrides["check_errors"] = False
-    settings = (loss.LossBenchSettings.tiny(**overrides) if args.tiny
-                else loss.LossBenchSettings(**overrides))
-    loss.run(settings)
+    if args.step:
+        module, settings_cls = step, step.StepBenchSettings
+        extra = {"pieces": False} if args.no_pieces else {}
+    else:
+        module, settings_cls = loss, loss.LossBenchSettings
+        extra = {"dtypes": args.dtypes, "distributions": args.distributions}
+        if args.no_check:
+            extra["check_errors"] = False
+    overrides = {k: v for k, v in {**common, **extra}.items() if v is not None}
+    settings = settings_cls.tiny(**overrides) if args.tiny else settings_cls(**overrides)
+    module.run(settings)
+    return 0
+
+
+def _field_type(field):
+    text = str(field.type)
+    for name, cast in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return cast
+    return str
+
+
+def _add_train(sub) -> None:
+    from hsae_jax.train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train an SAE (default: the embedded synthetic data, ~1 min on a CPU)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/default", help="run folder to write")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(TrainConfig):
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                       type=_field_type(field), default=field.default,
+                       help=field.metadata["help"])
+
+
+def _train(args) -> int:
+    from hsae_jax.train import TrainConfig, train
+
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    out = args.resume or args.out
+    train(TrainConfig(**settings), out, resume=bool(args.resume),
+          progress=not args.no_progress)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="recompute a run's metrics from its saved model")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="activations file (default: the run's synthetic data)")
+    p.add_argument("--data-key", help="tensor name inside a .safetensors file")
+    p.add_argument("--batches", type=int, default=None, help="evaluation batches")
+    p.add_argument("--backend", default=None, help="op backend (default: the run's)")
+
+
+def _eval(args) -> int:
+    from hsae_jax.evaluate_run import evaluate_run, metrics_table
+
+    metrics = evaluate_run(args.run_dir, data=args.data, data_key=args.data_key,
+                           batches=args.batches, backend=args.backend)
+    print(metrics_table(metrics))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
-    return {"bench": _bench}[args.command](args)
+    try:
+        return {"train": _train, "eval": _eval, "bench": _bench}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"hsae {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

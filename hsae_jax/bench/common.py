@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
 import time
@@ -12,7 +10,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from hsae_jax.io_utils import atomic_write_json
 
 
 def block(x):
@@ -86,17 +85,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 def write_json(path: str, payload: dict) -> None:
     """Writes ``payload`` atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    atomic_write_json(path, payload)
 
 
 def sample_indices(key: jax.Array, b: int, f: int, k: int, distribution: str) -> jax.Array:

@@ -76,13 +76,14 @@ def hierarchical_sae_forward_kernel(
         mask=row_ok[:, None] & d_mask[None, :],
         other=0.0,
     ).to(tl.float32)
+    coef = tl.load(coef_ptr)
 
     for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
         recon += weight_tile * val[:, None]
         diff = recon - target  # padded D lanes hold 0 - 0
-        loss_accum += diff * diff * tl.load(coef_ptr + t)
+        loss_accum += diff * diff * coef
 
-        if t + 1 < K:
+        if t + 1 < K:  # prefetch step t + 1, coefficient included, off the critical path
             idx = tl.load(row_idx_ptr + (t + 1), mask=batch_mask, other=0).to(tl.int64)
             row_ok = batch_mask & (idx >= 0) & (idx < F)
             val = tl.load(row_val_ptr + (t + 1), mask=batch_mask, other=0.0).to(tl.float32)
@@ -91,6 +92,7 @@ def hierarchical_sae_forward_kernel(
                 mask=row_ok[:, None] & d_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
+            coef = tl.load(coef_ptr + (t + 1))
 
     tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,
                   sem="relaxed")
@@ -151,12 +153,13 @@ def hierarchical_sae_backward_kernel(
         mask=row_ok[:, None] & d_mask[None, :],
         other=0.0,
     ).to(tl.float32)
+    coef2 = 2.0 * tl.load(coef_ptr + step)
 
     for _ in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
         curr_step = step
 
         diff = recon - target
-        suffix += diff * (2.0 * tl.load(coef_ptr + curr_step))
+        suffix += diff * coef2
 
         val_broadcast = val[:, None]
         tl.atomic_add(
@@ -182,6 +185,7 @@ def hierarchical_sae_backward_kernel(
                 mask=row_ok[:, None] & d_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
+            coef2 = 2.0 * tl.load(coef_ptr + step)
 
     tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
     tl.atomic_add(
@@ -190,6 +194,18 @@ def hierarchical_sae_backward_kernel(
         mask=batch_mask[:, None] & (k_offsets[None, :] < K),
         sem="relaxed",
     )
+
+
+@triton.jit
+def _load_step(indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
+               offset_d, d_mask, t, F: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
+    """Step t of a walk: indices [BB], selects-a-row [BB], vals [BB], rows [BB, BD], coef."""
+    idx = tl.load(indices_ptr + batch_offsets * K + t, mask=batch_mask, other=0).to(tl.int64)
+    row_ok = batch_mask & (idx >= 0) & (idx < F)
+    val = tl.load(vals_ptr + batch_offsets * K + t, mask=batch_mask, other=0.0).to(tl.float32)
+    weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
+                          mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    return idx, row_ok, val, weight_tile, tl.load(coef_ptr + t)
 
 
 @triton.jit
@@ -233,37 +249,39 @@ def hierarchical_sae_fused_kernel(
     bias_tile = tl.load(bias_ptr + offset_d, mask=d_mask, other=0.0).to(tl.float32)
     recon = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + bias_tile[None, :]
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
-    row_idx_ptr = indices_ptr + batch_offsets * K
-    row_val_ptr = vals_ptr + batch_offsets * K
     loss_accum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
 
+    idx, row_ok, val, weight_tile, coef = _load_step(
+        indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask, offset_d,
+        d_mask, 0, F, D, K)
     for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        idx = tl.load(row_idx_ptr + t, mask=batch_mask, other=0).to(tl.int64)
-        row_ok = batch_mask & (idx >= 0) & (idx < F)
-        val = tl.load(row_val_ptr + t, mask=batch_mask, other=0.0).to(tl.float32)
-        weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
-                              mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         recon += weight_tile * val[:, None]
         diff = recon - target
-        loss_accum += diff * diff * tl.load(coef_ptr + t)
+        loss_accum += diff * diff * coef
+        if t + 1 < K:  # prefetch step t + 1 off the critical path
+            idx, row_ok, val, weight_tile, coef = _load_step(
+                indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
+                offset_d, d_mask, t + 1, F, D, K)
 
+    # recon is now the full reconstruction and the registers hold step K - 1: walk back.
     k_offsets = tl.arange(0, K_POW2)
     suffix = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     val_grad_tile = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
-    for i in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        t = K - 1 - i
-        idx = tl.load(row_idx_ptr + t, mask=batch_mask, other=0).to(tl.int64)
-        row_ok = batch_mask & (idx >= 0) & (idx < F)
-        val = tl.load(row_val_ptr + t, mask=batch_mask, other=0.0).to(tl.float32)
-        weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
-                              mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        suffix += (recon - target) * (2.0 * tl.load(coef_ptr + t))
+    step = K - 1
+    for _ in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
+        curr_step = step
+        suffix += (recon - target) * (2.0 * coef)
         tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
                       suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
                       sem="relaxed")
-        val_grad_tile = tl.where(k_offsets[None, :] == t,
+        val_grad_tile = tl.where(k_offsets[None, :] == curr_step,
                                  tl.sum(weight_tile * suffix, axis=1)[:, None], val_grad_tile)
         recon -= weight_tile * val[:, None]
+        if curr_step > 0:  # prefetch the step before (from L2: the forward walk read it)
+            step = curr_step - 1
+            idx, row_ok, val, weight_tile, coef = _load_step(
+                indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
+                offset_d, d_mask, step, F, D, K)
 
     tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
     tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,

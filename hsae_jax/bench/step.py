@@ -1,0 +1,279 @@
+"""Whole-training-step benchmark, and per-piece timings that show where a step's time goes.
+
+Steps timed at (B, F, D) for each K, side by side in one process:
+- ``hsae``: hsae-jax's own trainer step (Triton top-k, sparse encoder backward, fused
+  decoder loss, clip + Adam, decoder renorm, dead-latent counters), float32 inputs
+  (TF32 matmuls) and ``hsae-bf16`` (bf16 encoder/decoder inputs, float32 masters);
+- ``naive-jax``: the textbook JAX step: dense autodiff through the encoder matmul,
+  ``jax.lax.top_k``, the seed's two kernels (through jax-triton) for the loss, Adam;
+- ``torch``: PyTorch with ``torch.topk``, the seed's own kernel and fused Adam (with
+  ``seed_module`` and a CUDA torch).
+No latent is dead in a timed step (fresh counters), so AuxK is skipped by its lax.cond.
+
+Pieces (``pieces=True``): the encoder matmul, top-k (ours, ``lax.top_k``, ``torch.topk``
+for k up to 256), the fused decoder loss forward + backward, the sparse encoder
+backward and the optimizer update, each alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hsae_jax import backends
+from hsae_jax.bench import common
+from hsae_jax.encoder import topk_encode
+from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
+from hsae_jax.model import SAEConfig, init_arrays
+from hsae_jax.topk import top_k
+from hsae_jax.train.config import TrainConfig
+from hsae_jax.train.step import make_mesh, make_optimizer, make_train_step
+
+STEP_IMPLS = ("hsae", "hsae-bf16", "naive-jax", "torch")
+
+
+@dataclasses.dataclass
+class StepBenchSettings:
+    batch: int = 4096
+    n_latents: int = 65536
+    d_model: int = 2304
+    ks: tuple[int, ...] = (32, 64, 128)
+    impls: tuple[str, ...] = STEP_IMPLS
+    pieces: bool = True
+    topk_ks: tuple[int, ...] = (32, 64, 128, 256)
+    warmup: int = 3
+    iters: int = 20
+    seed_module: str | None = None
+    out: str = "bench_step.json"
+
+    @classmethod
+    def tiny(cls, **overrides) -> StepBenchSettings:
+        base = dict(batch=64, n_latents=256, d_model=32, ks=(8,), topk_ks=(8,), iters=3,
+                    warmup=1, impls=("hsae", "naive-jax"))
+        return cls(**{**base, **overrides})
+
+
+def _hsae_step(b, f, d, k, dtype: str):
+    cfg = SAEConfig(d_model=d, n_latents=f, k=k, compute_dtype=dtype)
+    tc = TrainConfig(d_model=d, n_latents=f, k=k, batch_size=b, steps=10_000)
+    tx = make_optimizer(tc)
+    step = make_train_step(cfg, tx, make_mesh(1))
+    params, stats = init_arrays(cfg, jax.random.key(0))
+    state = [params, stats, tx.init(params)]
+
+    def run(x):
+        state[0], state[1], state[2], metrics = step(*state, x)
+        return metrics["loss"]
+
+    return run
+
+
+def _naive_step(b, f, d, k):
+    cfg = SAEConfig(d_model=d, n_latents=f, k=k)
+    params, _ = init_arrays(cfg, jax.random.key(0))
+    tx = optax.adam(1e-4)
+    loss_backend = "triton" if backends.triton_available() else "reference"
+    loss_config = TritonLossConfig(variant="two_pass") if loss_backend == "triton" else None
+
+    def loss_fn(p, x):
+        vals, idx = topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k, backend="reference")
+        return hierarchical_sae_loss(idx, p["W_dec"], vals, p["b_dec"], x,
+                                     backend=loss_backend, config=loss_config)
+
+    @jax.jit
+    def step(p, opt_state, x):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        p = optax.apply_updates(p, updates)
+        p["W_dec"] = p["W_dec"] / jnp.linalg.norm(p["W_dec"], axis=1, keepdims=True)
+        return p, opt_state, loss
+
+    state = [params, tx.init(params)]
+
+    def run(x):
+        state[0], state[1], loss = step(*state, x)
+        return loss
+
+    return run
+
+
+def _torch_step(seed, b, f, d, k):
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = "cuda"
+    w_dec = torch.nn.functional.normalize(torch.randn(f, d, device=dev), dim=1)
+    w_enc = torch.nn.Parameter(w_dec.clone())
+    w_dec = torch.nn.Parameter(w_dec)
+    b_enc = torch.nn.Parameter(torch.zeros(f, device=dev))
+    b_dec = torch.nn.Parameter(torch.zeros(d, device=dev))
+    params = [w_enc, b_enc, w_dec, b_dec]
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+
+    def run(x):
+        pre = (x - b_dec) @ w_enc.T + b_enc
+        vals, idx = pre.topk(k, dim=1, sorted=True)
+        loss = seed.triton_hierarchical_sae_loss(idx, w_dec, torch.relu(vals), b_dec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            g = w_dec.grad
+            g -= (g * w_dec).sum(dim=1, keepdim=True) * w_dec
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+        return loss
+
+    return run
+
+
+def _torch_sync(out):
+    import torch
+
+    torch.cuda.synchronize()
+    return out
+
+
+def _torch_peak(run, x) -> int:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _jax_peak() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
+    b, f, d = settings.batch, settings.n_latents, settings.d_model
+    seed = None
+    impls = [i for i in settings.impls if i != "torch"]
+    if "torch" in settings.impls and settings.seed_module and backends.cuda_available():
+        from hsae_jax.bench.loss import load_seed_module
+
+        seed = load_seed_module(settings.seed_module)
+        impls.append("torch")
+    x = jax.random.normal(jax.random.key(1), (b, d), jnp.float32)
+    rows = []
+    for k in settings.ks:
+        for name in impls:
+            row = {"k": k, "impl": name}
+            try:
+                if name == "torch":
+                    import torch
+
+                    xt = torch.from_dlpack(x).clone()
+                    run = _torch_step(seed, b, f, d, k)
+                    stats = common.time_calls(lambda r=run: r(xt), warmup=settings.warmup,
+                                              iters=settings.iters, sync=_torch_sync)
+                    row["peak_bytes"] = _torch_peak(run, xt)
+                    del run
+                    torch.cuda.empty_cache()
+                else:
+                    run = (_naive_step(b, f, d, k) if name == "naive-jax" else
+                           _hsae_step(b, f, d, k, "bfloat16" if name.endswith("bf16")
+                                      else "float32"))
+                    stats = common.time_calls(lambda r=run: r(x), warmup=settings.warmup,
+                                              iters=settings.iters)
+                    row["peak_bytes"] = _jax_peak()
+                    del run
+                row.update(stats)
+                row["tokens_per_s"] = b / (row["median_ms"] * 1e-3)
+            except Exception as err:  # noqa: BLE001 - one failure must not stop the table
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            log(f"  step K={k} {name}: {row.get('median_ms', row.get('error'))}")
+            rows.append(row)
+    return rows
+
+
+def run_pieces(settings: StepBenchSettings, log=print) -> list[dict]:
+    b, f, d = settings.batch, settings.n_latents, settings.d_model
+    key = jax.random.key(2)
+    x = jax.random.normal(key, (b, d), jnp.float32)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (f, d), jnp.float32) / np.sqrt(d)
+    rows = []
+
+    def timed(piece, fn, *args, sync=common.block, **extra):
+        row = {"piece": piece, **extra}
+        try:
+            row.update(common.time_calls(lambda: fn(*args), warmup=settings.warmup,
+                                         iters=settings.iters, sync=sync))
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        log(f"  {piece} {extra}: {row.get('median_ms', row.get('error'))}")
+        rows.append(row)
+
+    for dtype in ("float32", "bfloat16"):
+        timed("encoder matmul", jax.jit(lambda x, w: x @ w.T), x.astype(dtype), w.astype(dtype),
+              dtype=dtype)
+    pre = x @ w.T
+    kernel_backend = "triton" if backends.triton_available() else "xla"
+    torch_pre = None
+    if backends.cuda_available():
+        try:
+            import torch
+
+            torch_pre = torch.from_dlpack(pre).clone()
+        except ImportError:
+            pass
+    for k in settings.topk_ks:
+        timed("top-k hsae", jax.jit(lambda p, k=k: top_k(p, k, backend=kernel_backend)), pre,
+              k=k)
+        timed("top-k lax", jax.jit(lambda p, k=k: jax.lax.top_k(p, k)), pre, k=k)
+        if torch_pre is not None:
+            timed("top-k torch", lambda k=k: torch_pre.topk(k, dim=1), sync=_torch_sync, k=k)
+    for k in settings.ks:
+        vals, idx = jax.lax.top_k(pre, k)
+        vals = jax.nn.relu(vals)
+        loss = jax.jit(jax.value_and_grad(
+            lambda w, v, i: hierarchical_sae_loss(i, w, v, jnp.zeros((d,)), x), argnums=(0, 1)))
+        timed("decoder loss fwd+bwd", loss, w, vals, idx, k=k)
+
+        def enc_grad(w, x, k=k):
+            return jax.grad(lambda w: jnp.sum(topk_encode(x, w, jnp.zeros((f,)),
+                                                          jnp.zeros((d,)), k)[0]))(w)
+
+        timed("encoder fwd+sparse bwd", jax.jit(enc_grad), w, x, k=k)
+        timed("encoder fwd+dense bwd", jax.jit(lambda w, x, k=k: jax.grad(
+            lambda w: jnp.sum(topk_encode(x, w, jnp.zeros((f,)), jnp.zeros((d,)), k,
+                                          backend="reference")[0]))(w)), w, x, k=k)
+    params = {"W_enc": w, "W_dec": w + 0.0, "b_enc": jnp.zeros((f,)), "b_dec": jnp.zeros((d,))}
+    tx = make_optimizer(TrainConfig(d_model=d, n_latents=f, k=8, batch_size=b, steps=10_000))
+    opt_state = tx.init(params)
+    update = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
+    timed("clip + Adam update", update, params, opt_state, params)
+    return rows
+
+
+def run(settings: StepBenchSettings, log=print) -> dict:
+    b, f, d = settings.batch, settings.n_latents, settings.d_model
+    log(f"training step: B={b} F={f} D={d}, K={settings.ks}")
+    steps = run_steps(settings, log)
+    pieces = run_pieces(settings, log) if settings.pieces else []
+    payload = {"benchmark": "training_step", "device": common.device_info(),
+               "workload": dict(batch=b, n_latents=f, d_model=d), "steps": steps,
+               "pieces": pieces}
+    common.write_json(settings.out, payload)
+    log("")
+    log(common.markdown_table(steps, [
+        ("k", "K", "d"), ("impl", "step", "s"), ("median_ms", "median ms", ".2f"),
+        ("p90_ms", "p90 ms", ".2f"), ("tokens_per_s", "tokens/s", ",.0f"),
+        ("peak_bytes", "peak bytes", ",d"), ("error", "error", "s")]))
+    if pieces:
+        log("")
+        log(common.markdown_table(pieces, [
+            ("piece", "piece", "s"), ("k", "k", "d"), ("dtype", "dtype", "s"),
+            ("median_ms", "median ms", ".3f"), ("error", "error", "s")]))
+    log(f"\nwrote {settings.out}")
+    return payload

@@ -1,0 +1,143 @@
+"""Activation sources for training: a synthetic generator with a known dictionary, and files.
+
+Every source is deterministic in (seed, step): ``batch(step)`` always returns the same
+rows, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Sparse superposition with a known ground-truth dictionary.
+
+    n_features unit-norm directions in d_model dimensions (more features than
+    dimensions: superposition). Feature i fires with probability ~ 1 / (i + 1)^zipf_exponent
+    (heavy-tailed), scaled so that ``mean_active`` features fire per token on average;
+    its magnitude has a per-feature scale (lognormal, ``norm_spread``) times an
+    exponential draw. Features are grouped in consecutive runs of ``group_size``: when a
+    group's first feature fires, each other member fires too with probability
+    ``co_occurrence``. Gaussian noise of std ``noise`` is added.
+    """
+
+    d_model: int = 64
+    n_features: int = 256
+    mean_active: float = 5.0
+    zipf_exponent: float = 0.8
+    norm_spread: float = 0.5
+    group_size: int = 4
+    grouped_fraction: float = 0.25
+    co_occurrence: float = 0.5
+    noise: float = 0.01
+    seed: int = 0
+
+
+class SyntheticActivations:
+    """Batches of synthetic activations; ``features`` is the true dictionary [n, D]."""
+
+    def __init__(self, cfg: SyntheticConfig, batch_size: int):
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.d_model = cfg.d_model
+        rng = np.random.default_rng(cfg.seed)
+        features = rng.normal(size=(cfg.n_features, cfg.d_model))
+        self.features = jnp.asarray(features / np.linalg.norm(features, axis=1, keepdims=True),
+                                    jnp.float32)
+        ranks = rng.permutation(cfg.n_features)  # which feature is how frequent
+        p = 1.0 / (ranks + 1.0) ** cfg.zipf_exponent
+        p = np.minimum(p * cfg.mean_active / p.sum(), 0.9)
+        self.probs = jnp.asarray(p, jnp.float32)
+        self.scales = jnp.asarray(rng.lognormal(0.0, cfg.norm_spread, cfg.n_features),
+                                  jnp.float32)
+        n_grouped = int(cfg.n_features * cfg.grouped_fraction) // cfg.group_size * cfg.group_size
+        leader = np.arange(cfg.n_features)
+        if cfg.group_size > 1 and n_grouped:
+            leader[:n_grouped] = leader[:n_grouped] // cfg.group_size * cfg.group_size
+        self.leader = jnp.asarray(leader, jnp.int32)
+        self._key = jax.random.key(cfg.seed)
+
+    def batch(self, step: int) -> jax.Array:
+        """[batch_size, D] float32 activations of batch number ``step``."""
+        return _synthetic_batch(self._key, step, self.batch_size, self.features, self.probs,
+                                self.scales, self.leader, self.cfg.co_occurrence,
+                                self.cfg.noise)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"synthetic: {c.n_features} features in {c.d_model} dims, "
+                f"~{c.mean_active:g} active per token, seed {c.seed}")
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _synthetic_batch(key, step, batch_size, features, probs, scales, leader, co_occurrence,
+                     noise):
+    k_fire, k_group, k_mag, k_noise = jax.random.split(jax.random.fold_in(key, step), 4)
+    n = probs.shape[0]
+    fires = jax.random.uniform(k_fire, (batch_size, n)) < probs
+    is_member = leader != jnp.arange(n)
+    joins = fires[:, leader] & (jax.random.uniform(k_group, (batch_size, n)) < co_occurrence)
+    active = fires | (is_member & joins)
+    magnitude = scales * jax.random.exponential(k_mag, (batch_size, n))
+    x = (active * magnitude) @ features
+    return x + noise * jax.random.normal(k_noise, x.shape)
+
+
+class ActivationFile:
+    """Rows of a [N, D] activation matrix in a ``.npy`` or ``.safetensors`` file.
+
+    Read lazily (``.npy`` memory-mapped, ``.safetensors`` by slices), never loaded
+    whole. Batches are contiguous runs of ``batch_size`` rows taken in a shuffled order
+    that changes every epoch, then shuffled within the batch; all from ``seed``.
+    """
+
+    def __init__(self, path: str, batch_size: int, seed: int = 0, tensor: str | None = None):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data file {path!r} does not exist")
+        self.path = path
+        self.batch_size = batch_size
+        self.seed = seed
+        if path.endswith(".npy"):
+            self._array = np.load(path, mmap_mode="r")
+            self._slice = lambda start, stop: np.asarray(self._array[start:stop])
+            shape = self._array.shape
+        elif path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            self._file = safe_open(path, framework="np")
+            names = list(self._file.keys())
+            if tensor is None:
+                if len(names) != 1:
+                    raise ValueError(f"{path} holds tensors {names}: name one with --data-key")
+                tensor = names[0]
+            if tensor not in names:
+                raise ValueError(f"{path} has no tensor {tensor!r} (it has {names})")
+            handle = self._file.get_slice(tensor)
+            shape = tuple(handle.get_shape())
+            self._slice = lambda start, stop: np.asarray(handle[start:stop])
+        else:
+            raise ValueError(f"data file {path!r} must end in .npy or .safetensors")
+        if len(shape) != 2:
+            raise ValueError(f"{path}: activations must be [N, D], got shape {tuple(shape)}")
+        self.n_rows, self.d_model = int(shape[0]), int(shape[1])
+        if self.n_rows < batch_size:
+            raise ValueError(f"{path} has {self.n_rows} rows, fewer than batch_size={batch_size}")
+        self.batches_per_epoch = self.n_rows // batch_size
+
+    def batch(self, step: int) -> jax.Array:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.batches_per_epoch)
+        start = int(order[position]) * self.batch_size
+        rows = self._slice(start, start + self.batch_size).astype(np.float32)
+        rows = rows[np.random.default_rng([self.seed, epoch, position]).permutation(len(rows))]
+        return jnp.asarray(rows)
+
+    def describe(self) -> str:
+        return f"{self.path}: {self.n_rows} x {self.d_model}"

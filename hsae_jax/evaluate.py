@@ -1,0 +1,76 @@
+"""Evaluation of an SAE: FVU at every budget k, MSE, L0, dead latents, dictionary recovery."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsae_jax.loss import hierarchical_sae_prefix_sse
+from hsae_jax.model import SAEConfig, encode_arrays
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int):
+    xs = x.astype(jnp.float32) * stats["input_scale"]
+    vals, indices = encode_arrays(cfg, params, stats, x, k_eval)
+    sse = hierarchical_sae_prefix_sse(indices, params["W_dec"], vals, params["b_dec"], xs,
+                                      backend=cfg.backend)
+    fired = jnp.zeros((cfg.n_latents,), jnp.bool_).at[indices[:, :cfg.k].reshape(-1)].max(
+        vals[:, :cfg.k].reshape(-1) > 0)
+    return {
+        "sse": jnp.sum(sse, axis=0),  # [k_eval]
+        "sum_x": jnp.sum(xs, axis=0),
+        "sum_x2": jnp.sum(xs * xs),
+        "l0": jnp.sum(vals[:, :cfg.k] > 0),
+        "fired": fired,
+    }
+
+
+def evaluate(cfg: SAEConfig, params, stats, batches: Iterable[jax.Array],
+             true_features: jax.Array | None = None, k_eval: int | None = None) -> dict:
+    """Metrics over ``batches`` of raw activations [B, D].
+
+    Returns a dict with ``fvu_per_k`` (k_eval floats: FVU of the reconstruction from
+    the first k latents, k = 1..k_eval; k_eval defaults to K and may exceed it),
+    ``fvu`` (at K), ``mse`` (at K, in the scaled space where E||x||^2 = D), ``l0``
+    (mean non-zero latents per token), ``dead_fraction`` (latents that never fired in
+    the evaluation), ``tokens``, and with ``true_features`` [n, D]
+    ``mean_max_cosine``: the mean over true features of the best cosine similarity with
+    any decoder row.
+    """
+    k_eval = k_eval or cfg.k
+    totals = None
+    n = 0
+    for x in batches:
+        sums = _batch_sums(cfg, params, stats, x, k_eval)
+        n += x.shape[0]
+        totals = sums if totals is None else jax.tree.map(
+            lambda a, b: a | b if a.dtype == jnp.bool_ else a + b, totals, sums)
+    if totals is None:
+        raise ValueError("evaluate() needs at least one batch")
+    sse = np.asarray(totals["sse"], np.float64)
+    mean = np.asarray(totals["sum_x"], np.float64) / n
+    total_var = float(totals["sum_x2"]) - n * float(mean @ mean)
+    fvu_per_k = (sse / total_var).tolist()
+    metrics = {
+        "fvu_per_k": fvu_per_k,
+        "fvu": fvu_per_k[min(cfg.k, k_eval) - 1],
+        "mse": float(sse[min(cfg.k, k_eval) - 1] / (n * cfg.d_model)),
+        "l0": float(totals["l0"]) / n,
+        "dead_fraction": float(1.0 - np.mean(np.asarray(totals["fired"]))),
+        "tokens": n,
+    }
+    if true_features is not None:
+        metrics["mean_max_cosine"] = mean_max_cosine(params["W_dec"], true_features)
+    return metrics
+
+
+def mean_max_cosine(w_dec: jax.Array, true_features: jax.Array) -> float:
+    """Mean over true features of max_f cos(true feature, decoder row f)."""
+    w = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+    t = true_features / jnp.linalg.norm(true_features, axis=1, keepdims=True)
+    return float(jnp.mean(jnp.max(t @ w.T, axis=1)))

@@ -1,0 +1,359 @@
+"""The HierarchicalTopK SAE: a Flax NNX module over a functional core.
+
+Shapes: D = d_model, F = n_latents, K = k. Parameters, all float32 masters:
+
+- ``W_enc`` [F, D]: encoder directions, one row per latent (stored transposed, so the
+  sparse encoder backward scatters contiguous rows; the safetensors file holds the
+  conventional [D, F]);
+- ``b_enc`` [F], ``W_dec`` [F, D] (rows kept at unit norm), ``b_dec`` [D].
+
+State that is not trained: ``input_scale`` (inputs are multiplied by it so that
+E||x||^2 = D; the model works in that scaled space and returns reconstructions in the
+caller's units) and ``tokens_since_fired`` [F] (for dead latents and AuxK).
+
+The pure functions (:func:`sae_loss`, :func:`encode_arrays`, ...) take plain dicts of
+arrays, which the training loop jits, shards and checkpoints; the module wraps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hsae_jax.encoder import topk_encode
+from hsae_jax.io_utils import atomic_write, atomic_write_json
+from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
+from hsae_jax.loss.common import safe_indices
+
+OBJECTIVES = ("hierarchical", "topk")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """What defines an SAE and its objective.
+
+    d_model: D. n_latents: F. k: K, latents kept per token.
+    objective: ``"hierarchical"`` (the mean of every prefix's error: good at every
+      budget k <= K) or ``"topk"`` (the full-K error only: the usual TopK SAE).
+    budgets: optional tuple of budgets k to train for (hierarchical objective with
+      one-hot prefix weights at those k); None: every k = 1..K.
+    auxk_coef: weight of the AuxK loss on dead latents (0 turns it off).
+    aux_k: latents the AuxK loss uses (None: min(D // 2, F)).
+    dead_tokens: a latent that has not fired for this many tokens is dead.
+    compute_dtype: ``"float32"`` or ``"bfloat16"`` for the encoder and decoder inputs
+      (master weights stay float32; accumulation is float32).
+    backend: op backend (``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"``,
+      ``"reference"``).
+    """
+
+    d_model: int
+    n_latents: int
+    k: int
+    objective: str = "hierarchical"
+    budgets: tuple[int, ...] | None = None
+    auxk_coef: float = 1.0 / 32.0
+    aux_k: int | None = None
+    dead_tokens: int = 1_000_000
+    compute_dtype: str = "float32"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_latents", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SAEConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.k > self.n_latents:
+            raise ValueError(f"SAEConfig.k={self.k} must be <= n_latents={self.n_latents}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"SAEConfig.objective={self.objective!r} must be one of {OBJECTIVES}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"SAEConfig.compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}")
+        if self.budgets is not None:
+            if not self.budgets or any(not 1 <= b <= self.k for b in self.budgets):
+                raise ValueError(f"SAEConfig.budgets={self.budgets} must be values in [1, k={self.k}]")
+        if self.auxk_coef < 0:
+            raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
+
+    @property
+    def resolved_aux_k(self) -> int:
+        return min(self.aux_k or self.d_model // 2, self.n_latents) or 1
+
+    def prefix_weights(self) -> jax.Array | None:
+        if self.budgets is None:
+            return None
+        return jnp.zeros((self.k,), jnp.float32).at[jnp.asarray(self.budgets) - 1].set(1.0)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["budgets"] = list(self.budgets) if self.budgets is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> SAEConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in fields}
+        if data.get("budgets") is not None:
+            data["budgets"] = tuple(data["budgets"])
+        return cls(**data)
+
+
+# ----------------------------------------------------------------- functional core
+
+
+def init_arrays(cfg: SAEConfig, key: jax.Array, sample: jax.Array | None = None):
+    """(params, stats) dicts for a new SAE; ``sample`` [N, D] sets input scale and b_dec."""
+    w_dec = jax.random.normal(key, (cfg.n_latents, cfg.d_model), jnp.float32)
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+    scale = jnp.float32(1.0)
+    b_dec = jnp.zeros((cfg.d_model,), jnp.float32)
+    if sample is not None:
+        sample = jnp.asarray(sample, jnp.float32)
+        scale = jnp.sqrt(cfg.d_model / jnp.mean(jnp.sum(sample * sample, axis=1)))
+        b_dec = jnp.mean(sample * scale, axis=0)
+    params = {
+        "W_enc": jnp.array(w_dec, copy=True),  # W_dec transposed: equal in [F, D] storage
+        "b_enc": jnp.zeros((cfg.n_latents,), jnp.float32),
+        "W_dec": w_dec,
+        "b_dec": b_dec,
+    }
+    stats = {
+        "input_scale": jnp.asarray(scale, jnp.float32),
+        "tokens_since_fired": jnp.zeros((cfg.n_latents,), jnp.int32),
+    }
+    return params, stats
+
+
+def _cast(cfg: SAEConfig, x):
+    return x.astype(jnp.bfloat16) if cfg.compute_dtype == "bfloat16" else x
+
+
+def encode_arrays(cfg: SAEConfig, params, stats, x, k: int | None = None):
+    """Raw activations x [B, D] -> (vals [B, k] float32 >= 0, indices [B, k] int32)."""
+    xs = x.astype(jnp.float32) * stats["input_scale"]
+    return topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]), params["b_enc"],
+                       params["b_dec"], k or cfg.k, backend=cfg.backend)
+
+
+def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int = 8):
+    """Reconstruction [B, D] float32 (caller's units) from the first k latents."""
+    if k is not None:
+        vals, indices = vals[:, :k], indices[:, :k]
+    w = params["W_dec"]
+    b, kk = indices.shape
+    pad = -kk % min(chunk, kk)
+    idx = jnp.pad(safe_indices(indices, w.shape[0]), ((0, 0), (0, pad)), constant_values=w.shape[0])
+    v = jnp.pad(vals.astype(jnp.float32), ((0, 0), (0, pad)))
+    c = min(chunk, kk)
+
+    def step(recon, xs):
+        idx_c, v_c = xs
+        rows = jnp.take(w, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+        return recon + jnp.einsum("bc,bcd->bd", v_c, rows), None
+
+    xs = (idx.reshape(b, -1, c).transpose(1, 0, 2), v.reshape(b, -1, c).transpose(1, 0, 2))
+    recon0 = jnp.broadcast_to(params["b_dec"].astype(jnp.float32), (b, w.shape[1]))
+    recon, _ = jax.lax.scan(step, recon0, xs)
+    return recon / stats["input_scale"]
+
+
+def sae_loss(cfg: SAEConfig, params, stats, x):
+    """Training objective on raw activations x [B, D].
+
+    Returns (loss, aux) with aux = dict(recon_loss, auxk_loss, l0, fired [F] bool,
+    num_dead). The reconstruction term is :func:`hierarchical_sae_loss` (or the TopK
+    loss) in the scaled space; AuxK (OpenAI's) reconstructs the residual from the top
+    aux_k dead latents, only when some latent is dead.
+    """
+    xs = x.astype(jnp.float32) * stats["input_scale"]
+    w_dec = _cast(cfg, params["W_dec"])
+    vals, indices = topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]), params["b_enc"],
+                                params["b_dec"], cfg.k, backend=cfg.backend)
+    if cfg.objective == "topk":
+        recon_loss = topk_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
+                                   backend=cfg.backend)
+    else:
+        recon_loss = hierarchical_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
+                                           prefix_weights=cfg.prefix_weights(),
+                                           backend=cfg.backend)
+    dead = stats["tokens_since_fired"] >= cfg.dead_tokens
+    num_dead = jnp.sum(dead)
+    auxk_loss = jnp.float32(0.0)
+    if cfg.auxk_coef > 0:
+        auxk_loss = jax.lax.cond(
+            num_dead > 0,
+            lambda: _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead),
+            lambda: jnp.float32(0.0),
+        )
+    fired = jnp.zeros((cfg.n_latents,), jnp.bool_).at[indices.reshape(-1)].max(
+        vals.reshape(-1) > 0)
+    aux = {
+        "recon_loss": recon_loss,
+        "auxk_loss": auxk_loss,
+        "l0": jnp.mean(jnp.sum(vals > 0, axis=1).astype(jnp.float32)),
+        "fired": fired,
+        "num_dead": num_dead,
+    }
+    return recon_loss + cfg.auxk_coef * auxk_loss, aux
+
+
+def _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead):
+    """Normalised error of reconstructing the residual from the top aux_k dead latents."""
+    aux_k = cfg.resolved_aux_k
+    residual = jax.lax.stop_gradient(
+        xs - decode_arrays(params, {"input_scale": jnp.float32(1.0)}, vals, indices))
+    only_dead = jnp.where(dead, 0.0, -1e30).astype(jnp.float32)
+    aux_vals, aux_idx = topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]),
+                                    params["b_enc"] + only_dead, params["b_dec"], aux_k,
+                                    backend=cfg.backend)
+    zero_bias = jnp.zeros((cfg.d_model,), jnp.float32)
+    err = topk_sae_loss(aux_idx, _cast(cfg, params["W_dec"]), aux_vals, zero_bias, residual,
+                        backend=cfg.backend)
+    variance = jnp.mean((residual - jnp.mean(residual, axis=0)) ** 2)
+    scale = jnp.minimum(num_dead / aux_k, 1.0)
+    return jnp.where(variance > 0, scale * err / variance, 0.0)
+
+
+def project_decoder_grad(w_dec, grad):
+    """Removes from each row of the W_dec gradient its component along that row."""
+    return grad - jnp.sum(grad * w_dec, axis=1, keepdims=True) * w_dec
+
+
+def normalize_decoder(w_dec):
+    return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=1, keepdims=True), 1e-12)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class SAEStat(nnx.Variable):
+    """Model state that is not trained (input scale, dead-latent counters)."""
+
+
+class HierarchicalTopKSAE(nnx.Module):
+    """HierarchicalTopK sparse autoencoder (Flax NNX).
+
+    One trained model serves every budget k <= K: ``decode(vals, indices, k)`` uses the
+    first k latents of each token (latents come sorted by value).
+
+    Example::
+
+        sae = HierarchicalTopKSAE(SAEConfig(d_model=64, n_latents=512, k=16),
+                                  rngs=nnx.Rngs(0), sample=activations)
+        vals, indices = sae.encode(x)
+        x_hat_4 = sae.decode(vals, indices, k=4)
+        loss = sae.loss(x)
+    """
+
+    def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs | None = None,
+                 sample: jax.Array | None = None, arrays: tuple[dict, dict] | None = None):
+        """A new SAE (``rngs``; ``sample`` [N, D] sets input scale and b_dec), or one
+        holding given ``arrays`` = (params, stats)."""
+        self.cfg = cfg
+        if arrays is None:
+            if rngs is None:
+                raise ValueError("HierarchicalTopKSAE needs rngs= (or arrays=)")
+            arrays = init_arrays(cfg, rngs.params(), sample)
+        self._set_arrays(*arrays)
+
+    def _set_arrays(self, params, stats) -> None:
+        self.W_enc = nnx.Param(params["W_enc"])
+        self.b_enc = nnx.Param(params["b_enc"])
+        self.W_dec = nnx.Param(params["W_dec"])
+        self.b_dec = nnx.Param(params["b_dec"])
+        self.input_scale = SAEStat(stats["input_scale"])
+        self.tokens_since_fired = SAEStat(stats["tokens_since_fired"])
+
+    @classmethod
+    def from_arrays(cls, cfg: SAEConfig, params: dict, stats: dict) -> HierarchicalTopKSAE:
+        return cls(cfg, arrays=(params, stats))
+
+    def params(self) -> dict:
+        return {n: getattr(self, n)[...] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+    def stats(self) -> dict:
+        return {n: getattr(self, n)[...] for n in ("input_scale", "tokens_since_fired")}
+
+    def encode(self, x: jax.Array, k: int | None = None):
+        """x [B, D] -> (vals [B, k] float32, indices [B, k] int32), sorted by value."""
+        return encode_arrays(self.cfg, self.params(), self.stats(), x, k)
+
+    def decode(self, vals: jax.Array, indices: jax.Array, k: int | None = None) -> jax.Array:
+        """[B, D] reconstruction from the first k latents (None: all given)."""
+        return decode_arrays(self.params(), self.stats(), vals, indices, k)
+
+    def __call__(self, x: jax.Array, k: int | None = None) -> jax.Array:
+        """Reconstruction of x [B, D] at budget k (None: K)."""
+        vals, indices = self.encode(x)
+        return self.decode(vals, indices, k)
+
+    def loss(self, x: jax.Array) -> jax.Array:
+        """The training objective (scalar float32) on raw activations x [B, D]."""
+        return sae_loss(self.cfg, self.params(), self.stats(), x)[0]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, run_dir: str, extra_cfg: dict | None = None) -> None:
+        """Writes ``sae.safetensors`` (W_enc [D, F], b_enc, W_dec, b_dec) and ``cfg.json``.
+
+        Each file is written to a temporary name and renamed: a crash never leaves a
+        half-written file under the real name.
+        """
+        save_model_files(run_dir, self.cfg, self.params(), self.stats(), extra_cfg)
+
+    @classmethod
+    def load(cls, run_dir: str) -> HierarchicalTopKSAE:
+        """The model saved in ``run_dir`` by :meth:`save` or ``hsae train``."""
+        cfg, params, stats = load_model_files(run_dir)
+        return cls.from_arrays(cfg, params, stats)
+
+
+def save_model_files(run_dir: str, cfg: SAEConfig, params, stats, extra_cfg=None) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(run_dir, exist_ok=True)
+    tensors = {
+        "W_enc": np.ascontiguousarray(np.asarray(params["W_enc"], np.float32).T),
+        "b_enc": np.asarray(params["b_enc"], np.float32),
+        "W_dec": np.asarray(params["W_dec"], np.float32),
+        "b_dec": np.asarray(params["b_dec"], np.float32),
+    }
+    meta = {
+        **cfg.to_json(),
+        "input_scale": float(stats["input_scale"]),
+        "W_enc_layout": "[d_model, n_latents]",
+        **(extra_cfg or {}),
+    }
+    atomic_write(os.path.join(run_dir, "sae.safetensors"),
+                 lambda path: save_file(tensors, path, metadata={"format": "hsae-jax"}))
+    atomic_write_json(os.path.join(run_dir, "cfg.json"), meta)
+
+
+def load_model_files(run_dir: str):
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(run_dir, "cfg.json")) as f:
+        meta = json.load(f)
+    cfg = SAEConfig.from_json(meta)
+    tensors = load_file(os.path.join(run_dir, "sae.safetensors"))
+    expected = {"W_enc": (cfg.d_model, cfg.n_latents), "b_enc": (cfg.n_latents,),
+                "W_dec": (cfg.n_latents, cfg.d_model), "b_dec": (cfg.d_model,)}
+    for name, shape in expected.items():
+        if name not in tensors or tensors[name].shape != shape:
+            got = tensors[name].shape if name in tensors else "missing"
+            raise ValueError(f"{run_dir}/sae.safetensors: {name} is {got}, expected {shape}")
+    params = {
+        "W_enc": jnp.asarray(tensors["W_enc"].T),
+        "b_enc": jnp.asarray(tensors["b_enc"]),
+        "W_dec": jnp.asarray(tensors["W_dec"]),
+        "b_dec": jnp.asarray(tensors["b_dec"]),
+    }
+    stats = {"input_scale": jnp.float32(meta.get("input_scale", 1.0)),
+             "tokens_since_fired": jnp.zeros((cfg.n_latents,), jnp.int32)}
+    return cfg, params, stats

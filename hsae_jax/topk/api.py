@@ -1,0 +1,126 @@
+"""``top_k``: exact row-wise top-k with a Triton kernel, the interpreter, or lax.top_k."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hsae_jax import _shapes, backends
+from hsae_jax.topk.config import TopKConfig
+from hsae_jax.triton_launch import kernel_module, launch
+
+_KERNELS = "hsae_jax.topk.kernels"
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _keys(b: int, n: int) -> jax.ShapeDtypeStruct:
+    """n int64 keys per row, held as int32 pairs (int64 arrays need jax_enable_x64)."""
+    return jax.ShapeDtypeStruct((b, 2 * n), jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelTopK:
+    backend: str
+    config: TopKConfig
+    k: int
+
+    def __call__(self, x):  # [B, F] -> ([B, K] x.dtype, [B, K] int32)
+        b, f = x.shape
+        kp = max(2, _shapes.next_power_of_2(self.k))  # tl.topk needs k >= 2 on older Triton
+        cfg = self.config.resolve(f, self.k)
+        module = kernel_module(_KERNELS, self.backend)
+        opts = dict(backend=self.backend, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        n_chunks = _shapes.cdiv(f, cfg.chunk)
+        (keys,) = launch(module.topk_chunk_kernel, x, out_shape=[_keys(b, n_chunks * kp)],
+                         grid=(b, n_chunks), F=f, K_POW2=kp, CHUNK=cfg.chunk,
+                         N_CHUNKS=n_chunks, **opts)
+        n = n_chunks * kp
+        while n > cfg.group:
+            n_groups = _shapes.cdiv(n, cfg.group)
+            (keys,) = launch(module.topk_merge_kernel, keys, out_shape=[_keys(b, n_groups * kp)],
+                             grid=(b, n_groups), N=n, K_POW2=kp, GROUP=cfg.group,
+                             N_GROUPS=n_groups, **opts)
+            n = n_groups * kp
+        values, indices = launch(
+            module.topk_final_kernel, keys,
+            out_shape=[jax.ShapeDtypeStruct((b, self.k), x.dtype),
+                       jax.ShapeDtypeStruct((b, self.k), jnp.int32)],
+            grid=(b,), N=n, K=self.k, K_POW2=kp, GROUP=_shapes.next_power_of_2(n), **opts)
+        return values, indices
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_top_k(impl, x):
+    return impl(x)
+
+
+def _kernel_top_k_fwd(impl, x):
+    values, indices = impl(x)
+    return (values, indices), (indices, jnp.zeros((0,), x.dtype), x.shape[1])
+
+
+def _kernel_top_k_bwd(impl, saved, cotangents):
+    indices, dtype_holder, f = saved
+    dvalues, _ = cotangents
+    rows = jnp.arange(indices.shape[0])[:, None]
+    dx = jnp.zeros((indices.shape[0], f), dvalues.dtype).at[rows, indices].add(dvalues)
+    return (dx.astype(dtype_holder.dtype),)
+
+
+_kernel_top_k.defvjp(_kernel_top_k_fwd, _kernel_top_k_bwd)
+
+
+def check_top_k_inputs(x, k) -> int:
+    """Validates ``x`` [..., F] and ``k``; returns F."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    if len(x.shape) < 1:
+        raise ValueError(f"x must have shape [..., F], got a scalar (shape {tuple(x.shape)})")
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {jnp.dtype(x.dtype)}; expected float32, bfloat16 or float16")
+    f = x.shape[-1]
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+    if not 1 <= k <= f:
+        raise ValueError(f"k={k} must be in [1, F={f}] (x.shape={tuple(x.shape)})")
+    return f
+
+
+def top_k(
+    x: jax.Array,  # [..., F]
+    k: int,
+    *,
+    backend: str = "auto",
+    config: TopKConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The k largest entries of each row of ``x`` and their column indices.
+
+    Args:
+      x: [..., F] float32, bfloat16 or float16.
+      k: 1 <= k <= F, a Python int.
+      backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"`` (``jax.lax.top_k``) or
+        ``"reference"`` (the same).
+      config: :class:`TopKConfig` for the kernel backends.
+
+    Returns:
+      (values [..., k] in x.dtype, indices [..., k] int32): values sorted descending,
+      exact; equal values come in order of their index (lower first); NaN ranks above
+      +inf. Differentiable in ``x``: the gradient scatters into the selected positions.
+    """
+    f = check_top_k_inputs(x, k)
+    concrete = backends.resolve_backend(backend)
+    if config is not None and not isinstance(config, TopKConfig):
+        raise TypeError(f"config must be a TopKConfig, got {type(config).__name__}")
+    if concrete in ("xla", "reference"):
+        return jax.lax.top_k(x, k)
+    lead = x.shape[:-1]
+    rows = 1
+    for size in lead:
+        rows *= size
+    impl = _KernelTopK(concrete, config or TopKConfig(), k)
+    impl.config.resolve(f, k)  # bad settings fail here, before anything runs
+    values, indices = _kernel_top_k(impl, x.reshape(rows, f))
+    return values.reshape(*lead, k), indices.reshape(*lead, k)

@@ -1,0 +1,103 @@
+"""The optimizer and the jit-compiled, data-parallel training step."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hsae_jax.model import SAEConfig, normalize_decoder, project_decoder_grad, sae_loss
+from hsae_jax.train.config import TrainConfig
+
+AXIS = "data"
+MAX_TOKENS_SINCE_FIRED = 2**30  # saturate instead of overflowing int32
+
+
+def learning_rate_schedule(tc: TrainConfig):
+    """Linear warm-up to the peak rate, constant, then linear decay to 0 at the end."""
+    peak = tc.peak_lr()
+    warmup = max(tc.warmup_steps, 0)
+    decay = int(round(tc.steps * tc.decay_fraction))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup else 1.0
+        cool = jnp.clip((tc.steps - step) / decay, 0.0, 1.0) if decay else 1.0
+        return peak * jnp.minimum(warm, cool)
+
+    return schedule
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """clip -> Adam(schedule), skipping (and counting) any update with a non-finite gradient."""
+    parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
+    parts.append(optax.adam(learning_rate_schedule(tc)))
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if not 1 <= n <= len(available):
+        raise ValueError(f"--devices={devices}: this process sees {len(available)} device(s)")
+    return Mesh(np.asarray(available[:n]), (AXIS,))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(x, mesh: Mesh):
+    n = mesh.devices.size
+    if x.shape[0] % n:
+        raise ValueError(f"batch of {x.shape[0]} rows does not split over {n} devices")
+    return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
+
+
+def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh):
+    """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
+
+    One step: loss and gradients on each device's rows, gradients averaged over
+    devices, the W_dec gradient's component along each row removed, clip + Adam, W_dec
+    rows renormalised, dead-latent counters advanced. A step whose loss or gradient is
+    not finite changes nothing but the skip counter.
+    """
+
+    def local_step(params, stats, opt_state, x):
+        grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg), has_aux=True)
+        (loss, aux), grads = grad_fn(params, stats, x)
+        grads = jax.lax.pmean(grads, AXIS)
+        loss = jax.lax.pmean(loss, AXIS)
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+        grads["W_dec"] = project_decoder_grad(params["W_dec"], grads["W_dec"])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params["W_dec"] = normalize_decoder(new_params["W_dec"])
+        finite = opt_state.last_finite
+        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+
+        tokens = x.shape[0] * jax.lax.psum(1, AXIS)
+        fired = jax.lax.psum(aux["fired"].astype(jnp.int32), AXIS) > 0
+        since = jnp.where(fired, 0, jnp.minimum(stats["tokens_since_fired"] + tokens,
+                                                 MAX_TOKENS_SINCE_FIRED))
+        stats = {**stats, "tokens_since_fired": jnp.where(finite, since,
+                                                          stats["tokens_since_fired"])}
+        metrics = {
+            "loss": loss,
+            "recon_loss": jax.lax.pmean(aux["recon_loss"], AXIS),
+            "auxk_loss": jax.lax.pmean(aux["auxk_loss"], AXIS),
+            "l0": jax.lax.pmean(aux["l0"], AXIS),
+            "dead_fraction": jnp.mean(stats["tokens_since_fired"] >= cfg.dead_tokens),
+            "grad_norm": optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads),
+            "skipped_steps": opt_state.total_notfinite,
+        }
+        return params, stats, opt_state, metrics
+
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)),
+                            out_specs=(P(), P(), P(), P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0, 1, 2))

@@ -1,0 +1,64 @@
+"""topk_encode: the sparse backward equals plain autodiff through the dense matmul."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import requires_gpu, requires_interpreter
+
+from hsae_jax.encoder import SparseEncoderConfig, topk_encode
+
+BACKENDS = [
+    pytest.param("xla", None, id="xla"),
+    pytest.param("xla", SparseEncoderConfig(xla_chunk=3), id="xla-chunk3"),
+    pytest.param("interpret", None, marks=requires_interpreter, id="interpret"),
+    pytest.param("triton", None, marks=requires_gpu, id="triton"),
+]
+
+
+def encoder_inputs(seed, b, d, f):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(b, d)), jnp.float32),
+            jnp.asarray(rng.normal(size=(f, d)) / np.sqrt(d), jnp.float32),
+            jnp.asarray(rng.normal(size=f) * 0.1, jnp.float32),
+            jnp.asarray(rng.normal(size=d) * 0.1, jnp.float32))
+
+
+def value_and_grads(backend, config, inputs, k, cotangent):
+    def f(*args):
+        vals, indices = topk_encode(*args, k, backend=backend, config=config)
+        return jnp.sum(vals * cotangent), (vals, indices)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(*inputs)
+
+
+@pytest.mark.parametrize("backend, config", BACKENDS)
+@pytest.mark.parametrize("b, d, f, k", [(6, 20, 50, 5), (9, 33, 130, 16), (3, 7, 8, 8)])
+def test_sparse_backward_equals_dense_autodiff(backend, config, b, d, f, k, rng_seed):
+    inputs = encoder_inputs(rng_seed, b, d, f)
+    cotangent = jnp.asarray(np.random.default_rng(rng_seed + 1).normal(size=(b, k)), jnp.float32)
+    (_, (vals, idx)), grads = value_and_grads(backend, config, inputs, k, cotangent)
+    (_, (ref_vals, ref_idx)), ref_grads = value_and_grads("reference", None, inputs, k,
+                                                          cotangent)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
+    chex.assert_trees_all_close(vals, ref_vals, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(vals) >= 0)
+    assert np.all(np.diff(np.asarray(vals), axis=1) <= 0)  # sorted descending
+
+
+def test_relu_blocks_the_gradient_of_negative_selections():
+    x, w_enc, b_enc, b_dec = encoder_inputs(0, 4, 6, 10)
+    b_enc = b_enc - 100.0  # every pre-activation negative: every selected value ReLU'd to 0
+    grads = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b_enc, b_dec, 3, backend="xla")[0]))(
+        w_enc)
+    assert np.all(np.asarray(grads) == 0)
+
+
+def test_mismatched_shapes_are_rejected():
+    x, w_enc, b_enc, b_dec = encoder_inputs(0, 4, 6, 10)
+    with pytest.raises(ValueError, match=r"x \(4, 5\) must be \[B, D=6\]"):
+        topk_encode(x[:, :5], w_enc, b_enc, b_dec, 3)

@@ -1,0 +1,126 @@
+"""HierarchicalTopKSAE: encode/decode semantics, decoder constraints, persistence."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hsae_jax import HierarchicalTopKSAE, SAEConfig
+from hsae_jax.model import normalize_decoder, project_decoder_grad
+
+CFG = SAEConfig(d_model=12, n_latents=40, k=6, backend="xla")
+
+
+def sample(seed=0, n=64, d=12):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, d)) * 3 + 1, jnp.float32)
+
+
+def test_initialisation_follows_topk_sae_practice():
+    x = sample()
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x)
+    norms = np.linalg.norm(np.asarray(sae.W_dec[...]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sae.W_enc[...]), np.asarray(sae.W_dec[...]))
+    scale = float(sae.input_scale[...])
+    np.testing.assert_allclose(np.mean(np.sum((np.asarray(x) * scale) ** 2, 1)), 12, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sae.b_dec[...]), np.asarray(x).mean(0) * scale,
+                               rtol=1e-5)
+
+
+def test_decode_at_budget_k_uses_the_first_k_latents():
+    x = sample(1)
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(1), sample=x)
+    vals, indices = sae.encode(x)
+    chex.assert_shape([vals, indices], (64, 6))
+    assert np.all(np.diff(np.asarray(vals), axis=1) <= 0) and np.all(np.asarray(vals) >= 0)
+    w, b, s = (np.asarray(a, np.float64) for a in (sae.W_dec[...], sae.b_dec[...],
+                                                    sae.input_scale[...]))
+    for k in (1, 3, 6):
+        expected = (b + np.einsum("bk,bkd->bd", np.asarray(vals[:, :k], np.float64),
+                                  w[np.asarray(indices[:, :k])])) / s
+        np.testing.assert_allclose(sae.decode(vals, indices, k), expected, rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(sae(x, k=3), sae.decode(vals, indices, 3), rtol=1e-6)
+
+
+def test_encode_can_use_more_latents_than_trained_with():
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=sample())
+    vals, _ = sae.encode(sample(2), k=10)
+    assert vals.shape == (64, 10)
+
+
+def test_decoder_gradient_projection_is_orthogonal_to_rows():
+    rng = np.random.default_rng(0)
+    w = normalize_decoder(jnp.asarray(rng.normal(size=(30, 8)), jnp.float32))
+    g = project_decoder_grad(w, jnp.asarray(rng.normal(size=(30, 8)), jnp.float32))
+    np.testing.assert_allclose(np.sum(np.asarray(g * w), axis=1), 0.0, atol=1e-6)
+
+
+def test_save_then_load_gives_the_same_model(tmp_path):
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample())
+    sae.save(str(tmp_path))
+    loaded = HierarchicalTopKSAE.load(str(tmp_path))
+    assert loaded.cfg == sae.cfg
+    chex.assert_trees_all_equal(loaded.params(), sae.params())
+    assert float(loaded.input_scale[...]) == float(sae.input_scale[...])
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    assert tensors["W_enc"].shape == (12, 40)  # the conventional [D, F] layout on disk
+    assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample())
+    sae.save(str(tmp_path))
+    import json
+
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["n_latents"] = 41
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"W_enc is \(12, 40\), expected \(12, 41\)"):
+        HierarchicalTopKSAE.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=41), "k=41 must be <= n_latents=40"),
+    (dict(objective="l1"), "objective='l1'"),
+    (dict(budgets=(0, 3)), r"budgets=\(0, 3\)"),
+    (dict(compute_dtype="float16"), "compute_dtype='float16'"),
+])
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(**{**dict(d_model=12, n_latents=40, k=6), **kwargs})
+
+
+def test_model_works_with_an_nnx_optimizer():
+    """The module is an ordinary NNX module: nnx.Optimizer + nnx.jit train it."""
+    import optax
+
+    x = sample()
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x)
+    optimizer = nnx.Optimizer(sae, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(sae, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(x))(sae)
+        optimizer.update(sae, grads)
+        return loss
+
+    losses = [float(step(sae, optimizer, x)) for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bf16_compute_keeps_float32_masters():
+    cfg = SAEConfig(d_model=12, n_latents=40, k=6, backend="xla", compute_dtype="bfloat16")
+    sae = HierarchicalTopKSAE(cfg, rngs=nnx.Rngs(0), sample=sample())
+    grads = jax.grad(lambda p: __import__("hsae_jax").model.sae_loss(
+        cfg, p, sae.stats(), sample(4))[0])(sae.params())
+    for name, g in grads.items():
+        assert g.dtype == jnp.float32, name
+        assert np.all(np.isfinite(np.asarray(g)))
