@@ -31,7 +31,7 @@ for step in "$@"; do
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
     sweep) python3 benchmarks/sweep_loss.py --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
-    bench-loss) python3 -m hsae_jax.cli bench --seed-module .seed/hierarchical_kernels.py \
+    bench-loss) python3 -m hsae_jax.cli bench --iters 20 --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" ;;
     bench-step) python3 -m hsae_jax.cli bench --step --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" ;;

@@ -40,9 +40,12 @@ def value_and_grads(backend, config, inputs, k, cotangent):
 def test_sparse_backward_equals_dense_autodiff(backend, config, b, d, f, k, rng_seed):
     inputs = encoder_inputs(rng_seed, b, d, f)
     cotangent = jnp.asarray(np.random.default_rng(rng_seed + 1).normal(size=(b, k)), jnp.float32)
-    (_, (vals, idx)), grads = value_and_grads(backend, config, inputs, k, cotangent)
-    (_, (ref_vals, ref_idx)), ref_grads = value_and_grads("reference", None, inputs, k,
-                                                          cotangent)
+    # full float32 matmuls on both sides (on a GPU the default is TF32, which would make
+    # the dense reference the less exact of the two)
+    with jax.default_matmul_precision("highest"):
+        (_, (vals, idx)), grads = value_and_grads(backend, config, inputs, k, cotangent)
+        (_, (ref_vals, ref_idx)), ref_grads = value_and_grads("reference", None, inputs, k,
+                                                              cotangent)
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
     chex.assert_trees_all_close(vals, ref_vals, rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)

@@ -126,7 +126,7 @@ def _torch_step(seed, b, f, d, k):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            w_dec /= w_dec.norm(dim=1, keepdim=True)
+            w_dec.div_(w_dec.norm(dim=1, keepdim=True))
         return loss
 
     return run

@@ -18,7 +18,8 @@ Changes from the seed (``../shared/seed/hierarchical_kernels.py``):
   ``resid_sum`` [B, D] = sum_k of the residual gradients, from which the bias and target
   gradients follow without atomics;
 - ``hierarchical_sae_fused_kernel`` runs the forward walk and the backward walk in one
-  program, the second re-reading the rows the first just gathered (from L2).
+  program, back to back, every step's loads (coefficient included) prefetched a step
+  ahead.
 """
 
 import triton
@@ -231,9 +232,10 @@ def hierarchical_sae_fused_kernel(
 ):
     """The forward walk and the backward walk of one (row block, D tile) in one program.
 
-    The backward walk re-reads the K rows the forward walk just gathered; a program's
-    rows (K * BLOCK_B * BLOCK_D elements) are few enough to be served from L2, so memory
-    sees one gather and one scatter. The final reconstruction never leaves registers.
+    The backward walk starts from registers (the last step's rows, the full
+    reconstruction) and re-reads the rows the forward walk gathered; rows of frequent
+    latents come from L2, the rest from memory (see benchmarks/NOTES.md for what that
+    costs). No [B, D] reconstruction is written or read back, and there is one launch.
     """
     pid_b = tl.program_id(axis=0).to(tl.int64)
     pid_d = tl.program_id(axis=1).to(tl.int64)
