@@ -7,8 +7,8 @@
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
 #   bench-step   hsae bench --step (whole training steps and their pieces)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
-#   "pytest:ARGS" pytest with ARGS (space-separated; quote the step)
-#   "bench:ARGS"  hsae bench with ARGS (space-separated; quote the step)
+#   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
+#   "bench:ARGS"  hsae bench with ARGS (separated by ';')
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/hsae-out}
@@ -40,9 +40,9 @@ for step in "$@"; do
         --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \
         --log-every 25 --eval-every 200 --save-every 400 2>&1 | tee "$OUT/train.log"
       cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
-    pytest:*) read -ra a <<<"${step#pytest:}"
+    pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
-    bench:*) read -ra a <<<"${step#bench:}"
+    bench:*) IFS=';' read -ra a <<<"${step#bench:}"
       python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -26,9 +26,14 @@ def safe_indices(indices: jax.Array, num_rows: int) -> jax.Array:
 
 
 def gather_rows(weight: jax.Array, indices: jax.Array) -> jax.Array:
-    """[B, K, D] float32: ``weight[indices]``, with zero rows for out-of-range indices."""
+    """[B, K, D] float32: ``weight[indices]``, with zero rows for out-of-range indices.
+
+    The weight is upcast before the gather so that autodiff's scatter-add of the weight
+    gradient accumulates in float32 (in bfloat16 a row picked by thousands of tokens
+    would lose most of its gradient to rounding).
+    """
     safe = safe_indices(indices, weight.shape[0])
-    return jnp.take(weight, safe, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+    return jnp.take(weight.astype(jnp.float32), safe, axis=0, mode="fill", fill_value=0)
 
 
 def normalized_prefix_weights(prefix_weights: jax.Array | None, k: int) -> jax.Array:
