@@ -95,7 +95,7 @@ def main() -> None:
                         row.update(common.time_calls(fn, warmup=2, iters=args.iters, sync=sync))
                     else:
                         step = jax.jit(_loss_fn(variant, config, indices, target))
-                        row.update(common.time_calls(lambda s=step: s(weight, vals, bias),
+                        row.update(common.time_calls(lambda s=step, v=vals: s(weight, v, bias),
                                                      warmup=2, iters=args.iters))
                 except Exception as err:  # noqa: BLE001
                     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"

@@ -1,6 +1,7 @@
 """hsae-jax: HierarchicalTopK sparse autoencoders in JAX, with fused Triton kernels."""
 
 from hsae_jax.backends import BACKENDS, BackendUnavailableError
+from hsae_jax.encoder import SparseEncoderConfig, topk_encode
 from hsae_jax.loss import (
     FusedConfig,
     TritonLossConfig,
@@ -9,7 +10,6 @@ from hsae_jax.loss import (
     hierarchical_sae_prefix_sse,
     topk_sae_loss,
 )
-from hsae_jax.encoder import SparseEncoderConfig, topk_encode
 from hsae_jax.model import HierarchicalTopKSAE, SAEConfig
 from hsae_jax.topk import TopKConfig, top_k
 from hsae_jax.version import __version__

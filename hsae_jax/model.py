@@ -77,7 +77,8 @@ class SAEConfig:
                 f"SAEConfig.compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}")
         if self.budgets is not None:
             if not self.budgets or any(not 1 <= b <= self.k for b in self.budgets):
-                raise ValueError(f"SAEConfig.budgets={self.budgets} must be values in [1, k={self.k}]")
+                raise ValueError(
+                    f"SAEConfig.budgets={self.budgets} must be values in [1, k={self.k}]")
         if self.auxk_coef < 0:
             raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
 

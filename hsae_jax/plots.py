@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+from matplotlib.figure import Figure  # no pyplot: works headless, leaves the backend alone
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hsae_jax.io_utils import atomic_write
 
-from hsae_jax.io_utils import atomic_write  # noqa: E402
+
+def _figure(size):
+    fig = Figure(figsize=size)
+    return fig, fig.add_subplot()
 
 
 def _save(fig, path: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
-    plt.close(fig)
 
 
 def plot_fvu_vs_k(curves: Mapping[str, Sequence[float]], path: str,
                   title: str = "FVU at every budget k") -> None:
     """One line per model: FVU of the reconstruction from its first k latents, k = 1.."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     for label, fvu in curves.items():
         ax.plot(range(1, len(fvu) + 1), fvu, marker="o", markersize=3, label=label)
     ax.set_xlabel("k (latents used)")
@@ -36,7 +37,7 @@ def plot_training_curves(records: Sequence[dict], path: str) -> None:
     """Loss (and AuxK) against step; evaluation FVU on a second axis."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     steps = [r["step"] for r in train]
     ax.plot(steps, [r["loss"] for r in train], label="loss")
     ax.plot(steps, [r["recon_loss"] for r in train], label="reconstruction", alpha=0.7)

@@ -51,7 +51,8 @@ def assert_close_to_oracle(name, actual, expected, dtype, factor=1.0):
     """Asserts finiteness (poisoned outputs show up as NaN) and a norm-relative bound."""
     actual_np = np.asarray(jnp.asarray(actual, jnp.float32))
     assert np.all(np.isfinite(actual_np)), f"{name}: non-finite entries (an unwritten output?)"
-    assert actual_np.shape == np.shape(expected), f"{name}: {actual_np.shape=} != {np.shape(expected)}"
+    assert actual_np.shape == np.shape(expected), (
+        f"{name}: {actual_np.shape} != {np.shape(expected)}")
     # The best a `dtype` output can be is the oracle rounded to `dtype` (float16 gradients
     # are often subnormal, where rounding alone costs far more than 1e-3): measure the
     # error beyond that rounding, relative to the oracle's norm.

@@ -172,7 +172,7 @@ def run(settings: LossBenchSettings, log=print) -> dict:
                             out_loss, out_dw = as_np(fn())
                         else:
                             jitted = _jax_impl(name)
-                            stats = common.time_calls(lambda j=jitted: j(*args),
+                            stats = common.time_calls(lambda j=jitted, a=args: j(*a),
                                                       warmup=settings.warmup,
                                                       iters=settings.iters)
                             row["extra_bytes"] = common.compiled_temp_bytes(jitted, *args)

@@ -175,7 +175,7 @@ def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
 
                     xt = torch.from_dlpack(x).clone()
                     run = _torch_step(seed, b, f, d, k)
-                    stats = common.time_calls(lambda r=run: r(xt), warmup=settings.warmup,
+                    stats = common.time_calls(lambda r=run, xt=xt: r(xt), warmup=settings.warmup,
                                               iters=settings.iters, sync=_torch_sync)
                     row["peak_bytes"] = _torch_peak(run, xt)
                     del run

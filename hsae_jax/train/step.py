@@ -59,6 +59,10 @@ def shard_batch(x, mesh: Mesh):
     return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
 
 
+def _global_norm(tree):
+    return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
+
+
 def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh):
     """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
 
@@ -93,7 +97,7 @@ def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh
             "auxk_loss": jax.lax.pmean(aux["auxk_loss"], AXIS),
             "l0": jax.lax.pmean(aux["l0"], AXIS),
             "dead_fraction": jnp.mean(stats["tokens_since_fired"] >= cfg.dead_tokens),
-            "grad_norm": optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads),
+            "grad_norm": _global_norm(grads),
             "skipped_steps": opt_state.total_notfinite,
         }
         return params, stats, opt_state, metrics
