@@ -29,3 +29,17 @@ def test_step_benchmark_smoke(tmp_path):
     assert {"encoder matmul", "top-k hsae", "clip + Adam update"} <= {
         p["piece"] for p in payload["pieces"]}
     assert not [p for p in payload["pieces"] if "error" in p]
+
+
+def test_benchmark_reporting_does_not_import_triton():
+    """Importing Triton fixes compile/interpret mode for the process: the device report
+    must read versions without importing it."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from hsae_jax.bench.common import device_info; info = device_info(); "
+              "assert 'triton' not in sys.modules, 'triton imported'; print(info['triton'])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()[0].isdigit()

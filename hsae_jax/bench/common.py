@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import statistics
 import time
@@ -53,11 +54,12 @@ def device_info() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
     }
-    for name in ("triton", "jax_triton", "torch"):
+    # versions from package metadata: importing Triton here would fix its
+    # compile/interpret mode for the whole process (see hsae_jax.backends)
+    for name in ("triton", "jax-triton", "torch"):
         try:
-            module = __import__(name)
-            info[name] = module.__version__
-        except Exception:  # noqa: BLE001 - optional packages
+            info[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return info
 
