@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsae_jax.loss import hierarchical_sae_prefix_sse
-from hsae_jax.model import SAEConfig, encode_arrays
+from hsae_jax.model import SAEConfig, encode_arrays, fired_latents
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -19,8 +19,7 @@ def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int):
     vals, indices = encode_arrays(cfg, params, stats, x, k_eval)
     sse = hierarchical_sae_prefix_sse(indices, params["W_dec"], vals, params["b_dec"], xs,
                                       backend=cfg.backend)
-    fired = jnp.zeros((cfg.n_latents,), jnp.bool_).at[indices[:, :cfg.k].reshape(-1)].max(
-        vals[:, :cfg.k].reshape(-1) > 0)
+    fired = fired_latents(indices[:, :cfg.k], vals[:, :cfg.k], cfg.n_latents)
     return {
         "sse": jnp.sum(sse, axis=0),  # [k_eval]
         "sum_x": jnp.sum(xs, axis=0),

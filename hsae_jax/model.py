@@ -29,7 +29,7 @@ from flax import nnx
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
-from hsae_jax.loss.common import safe_indices
+from hsae_jax.loss.common import chunk_latents, safe_indices
 
 OBJECTIVES = ("hierarchical", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -148,9 +148,6 @@ def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int
         vals, indices = vals[:, :k], indices[:, :k]
     w = params["W_dec"]
     b, kk = indices.shape
-    pad = -kk % min(chunk, kk)
-    idx = jnp.pad(safe_indices(indices, w.shape[0]), ((0, 0), (0, pad)), constant_values=w.shape[0])
-    v = jnp.pad(vals.astype(jnp.float32), ((0, 0), (0, pad)))
     c = min(chunk, kk)
 
     def step(recon, xs):
@@ -158,7 +155,8 @@ def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int
         rows = jnp.take(w, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         return recon + jnp.einsum("bc,bcd->bd", v_c, rows), None
 
-    xs = (idx.reshape(b, -1, c).transpose(1, 0, 2), v.reshape(b, -1, c).transpose(1, 0, 2))
+    xs = (chunk_latents(safe_indices(indices, w.shape[0]), c, w.shape[0]),
+          chunk_latents(vals.astype(jnp.float32), c, 0.0))
     recon0 = jnp.broadcast_to(params["b_dec"].astype(jnp.float32), (b, w.shape[1]))
     recon, _ = jax.lax.scan(step, recon0, xs)
     return recon / stats["input_scale"]
@@ -192,8 +190,7 @@ def sae_loss(cfg: SAEConfig, params, stats, x):
             lambda: _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead),
             lambda: jnp.float32(0.0),
         )
-    fired = jnp.zeros((cfg.n_latents,), jnp.bool_).at[indices.reshape(-1)].max(
-        vals.reshape(-1) > 0)
+    fired = fired_latents(indices, vals, cfg.n_latents)
     aux = {
         "recon_loss": recon_loss,
         "auxk_loss": auxk_loss,
@@ -202,6 +199,11 @@ def sae_loss(cfg: SAEConfig, params, stats, x):
         "num_dead": num_dead,
     }
     return recon_loss + cfg.auxk_coef * auxk_loss, aux
+
+
+def fired_latents(indices, vals, n_latents: int) -> jax.Array:
+    """[F] bool: which latents have a positive value for some token."""
+    return jnp.zeros((n_latents,), jnp.bool_).at[indices.reshape(-1)].max(vals.reshape(-1) > 0)
 
 
 def _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from hsae_jax import _shapes, backends
-from hsae_jax.loss.common import safe_indices
+from hsae_jax.loss.common import chunk_latents, safe_indices
 from hsae_jax.topk import TopKConfig, top_k
 from hsae_jax.triton_launch import kernel_module, launch
 
@@ -76,11 +76,8 @@ def _sparse_backward_xla(indices, w_enc, dpre, xc, chunk):
     b, k = indices.shape
     f, d = w_enc.shape
     chunk = max(1, min(chunk, k))
-    pad = -k % chunk
-    idx = jnp.pad(safe_indices(indices, f), ((0, 0), (0, pad)), constant_values=f)
-    dp = jnp.pad(dpre, ((0, 0), (0, pad)))
-    idx = idx.reshape(b, -1, chunk).transpose(1, 0, 2)
-    dp = dp.reshape(b, -1, chunk).transpose(1, 0, 2)
+    idx = chunk_latents(safe_indices(indices, f), chunk, f)  # padding selects no row
+    dp = chunk_latents(dpre, chunk, 0.0)
     xc32 = xc.astype(jnp.float32)
 
     def step(carry, xs):

@@ -36,6 +36,19 @@ def gather_rows(weight: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take(weight.astype(jnp.float32), safe, axis=0, mode="fill", fill_value=0)
 
 
+def chunk_latents(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[B, K] -> [ceil(K / chunk), B, chunk]: K in scan-sized chunks, padded with ``fill``."""
+    b, k = x.shape
+    x = jnp.pad(x, ((0, 0), (0, -k % chunk)), constant_values=fill)
+    return x.reshape(b, -1, chunk).transpose(1, 0, 2)
+
+
+def unchunk_latents(x: jax.Array, k: int) -> jax.Array:
+    """[n, B, chunk] -> [B, K]: undoes :func:`chunk_latents`."""
+    n, b, chunk = x.shape
+    return x.transpose(1, 0, 2).reshape(b, n * chunk)[:, :k]
+
+
 def normalized_prefix_weights(prefix_weights: jax.Array | None, k: int) -> jax.Array:
     """[K] float32 weights of the K prefix losses, summing to 1 (uniform for None)."""
     if prefix_weights is None:

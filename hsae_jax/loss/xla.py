@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.loss.common import safe_indices
+from hsae_jax.loss.common import chunk_latents, safe_indices, unchunk_latents
 
 _CHUNK_ELEMENTS = 1 << 25  # float32 elements of one [B, chunk, D] temporary (128 MiB)
 _MAX_CHUNK = 8
@@ -39,20 +39,6 @@ class XlaLossConfig:
         return max(1, min(k, _MAX_CHUNK, _CHUNK_ELEMENTS // (b * d)))
 
 
-def _chunked(x: jax.Array, chunk: int, fill) -> jax.Array:
-    """[B, K] -> [K_pad / chunk, B, chunk], padding K with ``fill``."""
-    b, k = x.shape
-    pad = -k % chunk
-    x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
-    return x.reshape(b, -1, chunk).transpose(1, 0, 2)
-
-
-def _unchunked(x: jax.Array, k: int) -> jax.Array:
-    """[n, B, chunk] -> [B, K]."""
-    n, b, chunk = x.shape
-    return x.transpose(1, 0, 2).reshape(b, n * chunk)[:, :k]
-
-
 @dataclasses.dataclass(frozen=True)
 class XlaLoss:
     """The xla backend, in the form :mod:`hsae_jax.loss.api`'s custom_vjp calls."""
@@ -63,8 +49,8 @@ class XlaLoss:
         b, k = indices.shape
         f, d = weight.shape
         chunk = self.config.resolve(b, k, d)
-        idx = _chunked(safe_indices(indices, f), chunk, f)  # padding selects no row
-        v = _chunked(vals.astype(jnp.float32), chunk, 0.0)
+        idx = chunk_latents(safe_indices(indices, f), chunk, f)  # padding selects no row
+        v = chunk_latents(vals.astype(jnp.float32), chunk, 0.0)
         c = None
         if coef is not None:
             c = jnp.pad(coef, (0, -k % chunk)).reshape(-1, chunk)
@@ -98,7 +84,7 @@ class XlaLoss:
 
         recon0 = jnp.broadcast_to(bias.astype(jnp.float32), (b, d))
         final_recon, sse = jax.lax.scan(step, recon0, (idx, v))
-        return _unchunked(sse, indices.shape[1]), final_recon
+        return unchunk_latents(sse, indices.shape[1]), final_recon
 
     def backward(self, residuals, coef, cotangent):
         """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]) float32, times cotangent.
@@ -126,4 +112,4 @@ class XlaLoss:
 
         init = (final_recon, jnp.zeros_like(final_recon), jnp.zeros((f, d), jnp.float32))
         (_, resid_sum, dweight), dvals = jax.lax.scan(step, init, (idx, v, c), reverse=True)
-        return dweight, _unchunked(dvals, indices.shape[1]), resid_sum
+        return dweight, unchunk_latents(dvals, indices.shape[1]), resid_sum
