@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsae_jax.loss import hierarchical_sae_prefix_sse
-from hsae_jax.model import SAEConfig, encode_arrays, fired_latents
+from hsae_jax.model import SAEConfig, encode_arrays, fired_latents, scale_inputs
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int):
-    xs = x.astype(jnp.float32) * stats["input_scale"]
+    xs = scale_inputs(stats, x)
     vals, indices = encode_arrays(cfg, params, stats, x, k_eval)
     sse = hierarchical_sae_prefix_sse(indices, params["W_dec"], vals, params["b_dec"], xs,
                                       backend=cfg.backend)

@@ -135,9 +135,14 @@ def _cast(cfg: SAEConfig, x):
     return x.astype(jnp.bfloat16) if cfg.compute_dtype == "bfloat16" else x
 
 
+def scale_inputs(stats, x):
+    """Raw activations -> the model's space, where E||x||^2 = D (float32)."""
+    return x.astype(jnp.float32) * stats["input_scale"]
+
+
 def encode_arrays(cfg: SAEConfig, params, stats, x, k: int | None = None):
     """Raw activations x [B, D] -> (vals [B, k] float32 >= 0, indices [B, k] int32)."""
-    xs = x.astype(jnp.float32) * stats["input_scale"]
+    xs = scale_inputs(stats, x)
     return topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]), params["b_enc"],
                        params["b_dec"], k or cfg.k, backend=cfg.backend)
 
@@ -170,10 +175,9 @@ def sae_loss(cfg: SAEConfig, params, stats, x):
     loss) in the scaled space; AuxK (OpenAI's) reconstructs the residual from the top
     aux_k dead latents, only when some latent is dead.
     """
-    xs = x.astype(jnp.float32) * stats["input_scale"]
+    xs = scale_inputs(stats, x)
     w_dec = _cast(cfg, params["W_dec"])
-    vals, indices = topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]), params["b_enc"],
-                                params["b_dec"], cfg.k, backend=cfg.backend)
+    vals, indices = encode_arrays(cfg, params, stats, x)
     if cfg.objective == "topk":
         recon_loss = topk_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
                                    backend=cfg.backend)
@@ -187,7 +191,7 @@ def sae_loss(cfg: SAEConfig, params, stats, x):
     if cfg.auxk_coef > 0:
         auxk_loss = jax.lax.cond(
             num_dead > 0,
-            lambda: _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead),
+            lambda: _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead),
             lambda: jnp.float32(0.0),
         )
     fired = fired_latents(indices, vals, cfg.n_latents)
@@ -206,15 +210,15 @@ def fired_latents(indices, vals, n_latents: int) -> jax.Array:
     return jnp.zeros((n_latents,), jnp.bool_).at[indices.reshape(-1)].max(vals.reshape(-1) > 0)
 
 
-def _auxk_loss(cfg, params, xs, vals, indices, dead, num_dead):
+def _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead):
     """Normalised error of reconstructing the residual from the top aux_k dead latents."""
     aux_k = cfg.resolved_aux_k
-    residual = jax.lax.stop_gradient(
+    xs = scale_inputs(stats, x)
+    residual = jax.lax.stop_gradient(  # in the model's space: decode with unit scale
         xs - decode_arrays(params, {"input_scale": jnp.float32(1.0)}, vals, indices))
     only_dead = jnp.where(dead, 0.0, -1e30).astype(jnp.float32)
-    aux_vals, aux_idx = topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]),
-                                    params["b_enc"] + only_dead, params["b_dec"], aux_k,
-                                    backend=cfg.backend)
+    aux_vals, aux_idx = encode_arrays(cfg, {**params, "b_enc": params["b_enc"] + only_dead},
+                                      stats, x, aux_k)
     zero_bias = jnp.zeros((cfg.d_model,), jnp.float32)
     err = topk_sae_loss(aux_idx, _cast(cfg, params["W_dec"]), aux_vals, zero_bias, residual,
                         backend=cfg.backend)

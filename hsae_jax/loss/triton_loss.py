@@ -41,16 +41,13 @@ class TritonLoss:
                       zeroed_outputs=zeroed, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, **constexprs)
 
-    def _walk(self, kernel_name, args, out_shape, zeroed, cfg, b, f, k, d):
+    def _walk(self, kernel_name, args, out_shape, zeroed, cfg, b, f, k, d, **constexprs):
         """Launches one of the seed-derived kernels that walk the K latents."""
         return self._launch(
             _SEED, kernel_name, args, out_shape,
             (_shapes.cdiv(b, cfg.block_b), _shapes.cdiv(d, cfg.block_d)), zeroed, cfg,
             B=b, F=f, D=d, K=k, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
-            LOOP_NUM_STAGES=cfg.loop_num_stages, **(
-                {"K_POW2": _shapes.next_power_of_2(k)}
-                if kernel_name != "hierarchical_sae_forward_kernel" else {}),
-        )
+            LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
 
     def _seed_forward(self, indices, weight, vals, bias, target, coef):
         b, k = indices.shape
@@ -80,7 +77,8 @@ class TritonLoss:
         cfg = self.config.fused.resolve(b, d)
         loss_rows, dweight, dvals, resid_sum = self._walk(
             "hierarchical_sae_fused_kernel", (indices, weight, bias, vals, target, coef),
-            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d)
+            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d,
+            K_POW2=_shapes.next_power_of_2(k))
         return loss_rows, (dweight, dvals, resid_sum)
 
     def backward(self, residuals, coef, cotangent):
@@ -94,7 +92,7 @@ class TritonLoss:
             "hierarchical_sae_backward_kernel",
             (final_recon, indices, weight, vals, target, coef * cotangent),
             [_f32(f, d), _f32(b, k), _f32(b, d)], (0, 1), self.config.seed_backward,
-            b, f, k, d))
+            b, f, k, d, K_POW2=_shapes.next_power_of_2(k)))
 
     def prefix_sse(self, indices, weight, vals, bias, target):
         """[B, K] float32 per-prefix SSE (forward only)."""

@@ -108,17 +108,16 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     ckpt = Checkpointer(out_dir)
     jsonl = os.path.join(out_dir, "metrics.jsonl")
 
-    params, stats = init_arrays(cfg, jax.random.key(tc.seed), source.batch(0))
-    opt_state = tx.init(params)
+    def fresh_state():
+        params, stats = init_arrays(cfg, jax.random.key(tc.seed), source.batch(0))
+        return {"params": params, "stats": stats, "opt_state": tx.init(params)}
+
     start = 0
     if resume:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"--resume {out_dir}: no checkpoint under {ckpt.directory}")
         _check_resumable(ckpt.meta()["train_config"], tc)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                {"params": params, "stats": stats, "opt_state": opt_state})
-        state, meta = ckpt.restore(abstract)
-        params, stats, opt_state = state["params"], state["stats"], state["opt_state"]
+        state, meta = ckpt.restore(jax.eval_shape(fresh_state))  # shapes only: no allocation
         start = int(meta["step"])
         log(f"resuming {out_dir} at step {start}")
         _write_records(jsonl, _read_records(jsonl, start))  # drop records past the checkpoint
@@ -126,9 +125,11 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
         raise FileExistsError(f"{out_dir} already holds a run: use --resume {out_dir} or "
                               "another --out")
     else:
+        state = fresh_state()
         _write_records(jsonl, [])
 
-    params, stats, opt_state = (replicate(t, mesh) for t in (params, stats, opt_state))
+    params, stats, opt_state = (replicate(state[n], mesh) for n in ("params", "stats",
+                                                                    "opt_state"))
     held_out = eval_batches(source, tc.eval_batches)
     true_features = getattr(source, "features", None)
     log(f"training {cfg.objective} SAE D={cfg.d_model} F={cfg.n_latents} K={cfg.k} on "
