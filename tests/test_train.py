@@ -54,6 +54,7 @@ def test_a_run_writes_everything(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
     assert [r["step"] for r in records if "eval" in r] == [10, 20]
+    assert all(r["tokens_per_s"] > 0 and r["elapsed_s"] > 0 for r in records if "loss" in r)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["d_model"] == 16 and cfg["n_latents"] == 64 and cfg["k"] == 8
     assert cfg["input_scale"] > 0 and cfg["train"]["steps"] == 20

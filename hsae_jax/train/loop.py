@@ -142,23 +142,25 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
 
         bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True)
     last_eval: dict = {}
-    started = time.perf_counter()
-    tokens_done = 0
+    started = last_log = time.perf_counter()
+    last_log_step = start
     with open(jsonl, "a") as records:
         for step in range(start, tc.steps):
             x = shard_batch(source.batch(step), mesh)
             params, stats, opt_state, metrics = step_fn(params, stats, opt_state, x)
             done = step + 1
-            tokens_done += tc.batch_size
             final = done == tc.steps
             if done % tc.eval_every == 0 or final:
                 last_eval = evaluate(cfg, params, stats, held_out, true_features)
                 records.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
             if done % tc.log_every == 0 or final:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - started
+                now = time.perf_counter()
+                # throughput over this log interval (the first one includes compilation)
+                rate = (done - last_log_step) * tc.batch_size / (now - last_log)
+                last_log, last_log_step = now, done
                 record = {"step": done, **m, "lr": float(schedule(step)),
-                          "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed}
+                          "tokens_per_s": rate, "elapsed_s": now - started}
                 records.write(json.dumps(record) + "\n")
                 records.flush()
                 if bar is not None:
