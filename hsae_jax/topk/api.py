@@ -59,15 +59,14 @@ def _kernel_top_k(impl, x):
 
 def _kernel_top_k_fwd(impl, x):
     values, indices = impl(x)
-    return (values, indices), (indices, jnp.zeros((0,), x.dtype), x.shape[1])
+    return (values, indices), (indices, x.shape[1])
 
 
 def _kernel_top_k_bwd(impl, saved, cotangents):
-    indices, dtype_holder, f = saved
-    dvalues, _ = cotangents
+    indices, f = saved
+    dvalues, _ = cotangents  # values have x's dtype, and so does their cotangent
     rows = jnp.arange(indices.shape[0])[:, None]
-    dx = jnp.zeros((indices.shape[0], f), dvalues.dtype).at[rows, indices].add(dvalues)
-    return (dx.astype(dtype_holder.dtype),)
+    return (jnp.zeros((indices.shape[0], f), dvalues.dtype).at[rows, indices].add(dvalues),)
 
 
 _kernel_top_k.defvjp(_kernel_top_k_fwd, _kernel_top_k_bwd)
