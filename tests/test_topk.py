@@ -11,22 +11,29 @@ from conftest import KERNEL_BACKEND, requires_gpu, requires_interpreter
 
 from hsae_jax.topk import TopKConfig, top_k
 
-BACKENDS = [
-    pytest.param("xla", None, id="xla"),
-    pytest.param("interpret", None, marks=requires_interpreter, id="interpret"),
-    pytest.param("interpret", TopKConfig(chunk=32, group=64), marks=requires_interpreter,
-                 id="interpret-multilevel"),
-    pytest.param("triton", None, marks=requires_gpu, id="triton"),
-    pytest.param("triton", TopKConfig(chunk=1024, group=2048), marks=requires_gpu,
-                 id="triton-multilevel"),
+# the threshold method with the loosest bound and the smallest buffer (both are raised to
+# next_pow2(k)): rows often overflow the buffer and take the bisection
+NARROW = TopKConfig(method="threshold", groups=1, candidates=1, block=64)
+KERNEL_CONFIGS = [
+    pytest.param(None, id="auto"),
+    pytest.param(NARROW, id="threshold-bisect"),
+    pytest.param(TopKConfig(method="bitonic"), id="bitonic"),
+    pytest.param(TopKConfig(method="bitonic", chunk=32, group=64), id="bitonic-multilevel"),
+]
+BACKENDS = [pytest.param("xla", None, id="xla")] + [
+    pytest.param(backend, p.values[0], marks=mark, id=f"{backend}-{p.id}")
+    for backend, mark in (("interpret", requires_interpreter), ("triton", requires_gpu))
+    for p in KERNEL_CONFIGS
 ]
 
 
 def numpy_top_k(x, k):
-    """Oracle: stable sort on (-value, index); NaN first."""
+    """Oracle: NaN first, then descending values, equal values by lower index (stable)."""
     x = np.asarray(x, np.float32)
-    key = np.where(np.isnan(x), -np.inf, -x)
-    order = np.argsort(key, axis=-1, kind="stable")[..., :k]
+    x2 = x.reshape(-1, x.shape[-1])
+    finite_nan = np.nan_to_num(x2, nan=0.0, posinf=np.inf, neginf=-np.inf)
+    order = np.stack([np.lexsort((-v, ~np.isnan(r))) for v, r in zip(finite_nan, x2, strict=True)])
+    order = order.reshape(x.shape)[..., :k]
     return np.take_along_axis(x, order, axis=-1), order
 
 
@@ -73,6 +80,29 @@ def test_gradient_scatters_into_the_selected_positions(backend, config, rng_seed
     np.testing.assert_array_equal(np.asarray(grad), expected)
 
 
+@pytest.mark.parametrize("backend, config", BACKENDS)
+@pytest.mark.parametrize("pattern", ["periodic", "few-values", "specials"])
+def test_rows_that_defeat_the_group_bound_are_still_exact(backend, config, pattern, rng_seed):
+    """Rows built so that far more than `candidates` entries pass the first bound."""
+    rng = np.random.default_rng(rng_seed)
+    f, k = 600, 20
+    if pattern == "periodic":  # every strided group holds the same values
+        x = np.tile(np.arange(f) % 128, (3, 1)).astype(np.float32)
+    elif pattern == "few-values":  # heavy ties at the k-th value
+        x = rng.integers(0, 3, size=(3, f)).astype(np.float32)
+    else:
+        x = rng.choice(np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1.0], np.float32),
+                       size=(3, f))
+    values, indices = top_k(jnp.asarray(x, jnp.bfloat16), k, backend=backend, config=config)
+    expected_values, expected_indices = numpy_top_k(np.asarray(jnp.asarray(x, jnp.bfloat16),
+                                                               np.float32), k)
+    if pattern == "specials":  # the oracle does not order -0.0 below +0.0; compare values
+        np.testing.assert_array_equal(np.asarray(values, np.float32), expected_values)
+        return
+    np.testing.assert_array_equal(np.asarray(indices), expected_indices)
+    np.testing.assert_array_equal(np.asarray(values, np.float32), expected_values)
+
+
 @pytest.mark.parametrize("x, k, error, message", [
     (jnp.ones((3, 4)), 5, ValueError, r"k=5 must be in \[1, F=4\]"),
     (jnp.ones((3, 4)), 0, ValueError, r"k=0 must be in"),
@@ -85,6 +115,13 @@ def test_bad_arguments_are_rejected(x, k, error, message):
         top_k(x, k, backend=KERNEL_BACKEND)
 
 
-def test_bad_config_is_rejected_before_launch():
-    with pytest.raises(ValueError, match="chunk=48 must be a power of two"):
-        top_k(jnp.ones((2, 100)), 4, backend=KERNEL_BACKEND, config=TopKConfig(chunk=48))
+@pytest.mark.parametrize("config, message", [
+    (TopKConfig(chunk=48), "chunk=48 must be a power of two"),
+    (TopKConfig(method="radix"), "method='radix' must be one of"),
+    (TopKConfig(candidates=65536), "candidates=65536 must be <= 32768"),
+    (TopKConfig(method="threshold", block=65536), "block=65536"),
+    (TopKConfig(groups=0), "groups=0 must be a power of two"),
+])
+def test_bad_config_is_rejected_before_launch(config, message):
+    with pytest.raises(ValueError, match=message):
+        top_k(jnp.ones((2, 100)), 4, backend=KERNEL_BACKEND, config=config)

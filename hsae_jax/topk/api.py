@@ -28,11 +28,34 @@ class _KernelTopK:
     k: int
 
     def __call__(self, x):  # [B, F] -> ([B, K] x.dtype, [B, K] int32)
-        b, f = x.shape
-        kp = max(2, _shapes.next_power_of_2(self.k))  # tl.topk needs k >= 2 on older Triton
-        cfg = self.config.resolve(f, self.k)
+        cfg = self.config.resolve(x.shape[1], self.k)
         module = kernel_module(_KERNELS, self.backend)
         opts = dict(backend=self.backend, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.method == "threshold":
+            return self._threshold(module, cfg, opts, x)
+        return self._bitonic(module, cfg, opts, x)
+
+    def _outputs(self, x):
+        b = x.shape[0]
+        return [jax.ShapeDtypeStruct((b, self.k), x.dtype),
+                jax.ShapeDtypeStruct((b, self.k), jnp.int32)]
+
+    def _threshold(self, module, cfg, opts, x):
+        b, f = x.shape
+        kp = max(2, _shapes.next_power_of_2(self.k))
+        keys, count = launch(
+            module.topk_select_kernel, x,
+            out_shape=[_keys(b, cfg.candidates), jax.ShapeDtypeStruct((b,), jnp.int32)],
+            grid=(b,), F=f, K=self.k, K_POW2=kp, GROUPS=cfg.groups,
+            ROWS=cfg.block // cfg.groups, CANDIDATES=cfg.candidates, **opts)
+        values, indices = launch(module.topk_sort_kernel, keys, count,
+                                 out_shape=self._outputs(x), grid=(b,), K=self.k, K_POW2=kp,
+                                 CANDIDATES=cfg.candidates, **opts)
+        return values, indices
+
+    def _bitonic(self, module, cfg, opts, x):
+        b, f = x.shape
+        kp = max(2, _shapes.next_power_of_2(self.k))  # tl.topk needs k >= 2 on older Triton
         n_chunks = _shapes.cdiv(f, cfg.chunk)
         (keys,) = launch(module.topk_chunk_kernel, x, out_shape=[_keys(b, n_chunks * kp)],
                          grid=(b, n_chunks), F=f, K_POW2=kp, CHUNK=cfg.chunk,
@@ -44,11 +67,9 @@ class _KernelTopK:
                              grid=(b, n_groups), N=n, K_POW2=kp, GROUP=cfg.group,
                              N_GROUPS=n_groups, **opts)
             n = n_groups * kp
-        values, indices = launch(
-            module.topk_final_kernel, keys,
-            out_shape=[jax.ShapeDtypeStruct((b, self.k), x.dtype),
-                       jax.ShapeDtypeStruct((b, self.k), jnp.int32)],
-            grid=(b,), N=n, K=self.k, K_POW2=kp, GROUP=_shapes.next_power_of_2(n), **opts)
+        values, indices = launch(module.topk_final_kernel, keys, out_shape=self._outputs(x),
+                                 grid=(b,), N=n, K=self.k, K_POW2=kp,
+                                 GROUP=_shapes.next_power_of_2(n), **opts)
         return values, indices
 
 

@@ -1,4 +1,4 @@
-"""Static configuration of the top-k kernels."""
+"""Static configuration of the top-k kernels (one place for every launch setting)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,66 @@ import dataclasses
 
 from hsae_jax import _shapes
 
+METHODS = ("auto", "threshold", "bitonic")
+# "auto" uses the threshold method while its candidate buffer stays this small; beyond
+# that the final sort would not fit in one program's registers and bitonic merging wins.
+MAX_AUTO_CANDIDATES = 2048
+
+
+def _check_power_of_two(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+        raise ValueError(f"TopKConfig.{name}={value} must be a power of two")
+
 
 @dataclasses.dataclass(frozen=True)
 class TopKConfig:
     """Launch settings of the Triton top-k.
 
-    chunk: columns a program of the first stage reduces (a power of two; raised to
-      next_pow2(k) when smaller); None: 4096, or fewer for short rows.
-    group: candidates a merge program reduces (a power of two; raised to 2 * next_pow2(k)).
+    method: ``"threshold"`` (a lower bound for the k-th largest value from strided group
+      maxima, one filtering pass that keeps the few entries above it, a small sort),
+      ``"bitonic"`` (bitonic top-k over chunks of every row, merged), or ``"auto"``
+      (threshold while ``candidates <= 2048``, i.e. k <= 512 by default).
+    Threshold method (powers of two, raised to next_pow2(k); None: 4 * next_pow2(k), at
+    most next_pow2(F)):
+      groups: strided column groups whose maxima bound the k-th value.
+      candidates: entries a row may keep for the final sort (at most 32768); a row with
+        more entries above the bound narrows it by bisection (exact, slower).
+      block: columns a program reads per step (raised to ``groups``).
+    Bitonic method:
+      chunk: columns a program of the first stage reduces (raised to next_pow2(k));
+        None: 4096, or fewer for short rows.
+      group: candidates a merge program reduces (raised to 2 * next_pow2(k)).
     """
 
+    method: str = "auto"
+    groups: int | None = None
+    candidates: int | None = None
+    block: int = 4096
     chunk: int | None = None
     group: int = 4096
     num_warps: int = 8
     num_stages: int = 1
 
     def resolve(self, f: int, k: int) -> TopKConfig:
+        """Concrete settings for rows of ``f`` columns and ``k`` outputs; checks them."""
+        if self.method not in METHODS:
+            raise ValueError(f"TopKConfig.method={self.method!r} must be one of {METHODS}")
+        for name in ("groups", "candidates", "block", "chunk", "group"):
+            _check_power_of_two(name, getattr(self, name))
         k_pow2 = max(2, _shapes.next_power_of_2(k))
-        for name in ("chunk", "group"):
-            value = getattr(self, name)
-            if value is not None and (value < 1 or value & (value - 1)):
-                raise ValueError(f"TopKConfig.{name}={value} must be a power of two")
+        f_pow2 = max(k_pow2, _shapes.next_power_of_2(f))
+        groups = max(k_pow2, self.groups or min(4 * k_pow2, f_pow2))
+        candidates = max(k_pow2, self.candidates or min(4 * k_pow2, f_pow2))
+        if candidates > 32768:  # the kept-slot ranks are counted in 16 bits per step
+            raise ValueError(f"TopKConfig.candidates={candidates} must be <= 32768")
+        method = self.method
+        if method == "auto":
+            method = "threshold" if candidates <= MAX_AUTO_CANDIDATES else "bitonic"
         chunk = max(k_pow2, self.chunk or min(4096, _shapes.next_power_of_2(f)))
-        group = max(self.group, 2 * k_pow2)
-        return dataclasses.replace(self, chunk=chunk, group=group)
+        block = max(self.block, groups)
+        if method == "threshold" and block > 32768:
+            raise ValueError(f"TopKConfig.block={block} (>= groups) must be <= 32768 for the "
+                             "threshold method (ranks are counted in 16 bits per step)")
+        return dataclasses.replace(
+            self, method=method, groups=groups, candidates=candidates, block=block,
+            chunk=chunk, group=max(self.group, 2 * k_pow2))

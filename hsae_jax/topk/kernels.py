@@ -6,24 +6,47 @@ order-preserving int32, the low word is ``2**32 - 1 - column``. ``tl.topk`` (bit
 top-k) on keys therefore selects values and indices together, exactly, with ties broken
 by the lower index; NaN sorts above +inf.
 
-Stages: ``topk_chunk_kernel`` reduces every CHUNK columns of a row to their top K_POW2
-keys; ``topk_merge_kernel`` reduces groups of GROUP candidates the same way (as many
-rounds as needed); ``topk_final_kernel`` takes the last <= GROUP candidates of a row to
-its top K and unpacks values and indices.
+Threshold method (two kernels, one program per row):
+  ``topk_select_kernel`` reads the row once for the maxima of GROUPS strided column
+  groups; the k-th largest of those maxima is a lower bound ``lo`` of the row's k-th
+  value (k groups hold an entry >= it). A second read keeps every entry >= lo, in column
+  order, as packed keys in a CANDIDATES-slot buffer. If more than CANDIDATES entries
+  pass, the bound is raised by bisection on the int32 key (one counting read per step)
+  until they fit, or until it is the exact k-th value, whose ties then fill the buffer
+  lowest column first. ``topk_sort_kernel`` sorts the kept keys and writes the top K.
+Bitonic method: ``topk_chunk_kernel`` reduces every CHUNK columns of a row to their top
+K_POW2 keys; ``topk_merge_kernel`` reduces groups of GROUP candidates the same way (as
+many rounds as needed); ``topk_final_kernel`` takes the last <= GROUP candidates of a
+row to its top K and unpacks values and indices.
 """
 
 import triton
 import triton.language as tl
 
+INT32_MIN: tl.constexpr = -2147483648
+INT64_MIN: tl.constexpr = -9223372036854775807 - 1
+NO_UPPER_BOUND: tl.constexpr = 2147483648  # above every int32 key
+
+
+@triton.jit
+def _ordered(values):
+    """float32 values -> int32 keys in the same order (NaN above +inf)."""
+    bits = values.to(tl.int32, bitcast=True)
+    # negative floats: flip all bits; positive: flip the sign bit -> unsigned order;
+    # then flip the sign bit again -> the same order as signed int32.
+    return tl.where(bits < 0, ~bits, bits ^ INT32_MIN) ^ INT32_MIN
+
+
+@triton.jit
+def _pack_ordered(ordered, columns):
+    """int32 ordered keys, int64 columns -> int64 keys ordered by (value, -column)."""
+    return (ordered.to(tl.int64) << 32) | (4294967295 - columns)
+
 
 @triton.jit
 def _pack(values, columns):
     """float32 values, int64 columns -> int64 keys ordered by (value, -column)."""
-    bits = values.to(tl.int32, bitcast=True)
-    # negative floats: flip all bits; positive: flip the sign bit -> unsigned order;
-    # then flip the sign bit again -> the same order as signed int32.
-    ordered = tl.where(bits < 0, ~bits, bits ^ -2147483648) ^ -2147483648
-    return (ordered.to(tl.int64) << 32) | (4294967295 - columns)
+    return _pack_ordered(_ordered(values), columns)
 
 
 @triton.jit
@@ -50,7 +73,7 @@ def topk_chunk_kernel(
     x = tl.load(x_ptr + row * F + columns, mask=columns < F, other=float("-inf"))
     keys = _pack(x.to(tl.float32), columns)
     # padding columns: the smallest key, below every real value (-inf included)
-    keys = tl.where(columns < F, keys, -9223372036854775807 - 1)
+    keys = tl.where(columns < F, keys, INT64_MIN)
     top = tl.topk(keys, K_POW2)
     slots = tl.arange(0, K_POW2)
     out = keys_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -58,14 +81,23 @@ def topk_chunk_kernel(
 
 
 @triton.jit
-def _top_keys(keys_ptr, row, group, N: tl.constexpr, GROUP: tl.constexpr,
+def _top_keys(keys_ptr, row, group, n_valid, N: tl.constexpr, GROUP: tl.constexpr,
               K_POW2: tl.constexpr):
-    """The top K_POW2 keys of candidates [group * GROUP, (group + 1) * GROUP) of a row."""
+    """The top K_POW2 of a row's keys [group * GROUP, (group + 1) * GROUP) below n_valid."""
     offsets = group * GROUP + tl.arange(0, GROUP).to(tl.int64)
     keys_ptr = keys_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-    keys = tl.load(keys_ptr + row * N + offsets, mask=offsets < N,
-                   other=-9223372036854775807 - 1)
+    keys = tl.load(keys_ptr + row * N + offsets, mask=offsets < n_valid, other=INT64_MIN)
     return tl.topk(keys, K_POW2)
+
+
+@triton.jit
+def _store_top(values_ptr, indices_ptr, row, top, K: tl.constexpr, K_POW2: tl.constexpr):
+    """Unpacks the sorted keys ``top`` [K_POW2] and stores the first K."""
+    values, cols = _unpack(top)
+    slots = tl.arange(0, K_POW2)
+    tl.store(values_ptr + row * K + slots, values.to(values_ptr.dtype.element_ty),
+             mask=slots < K)
+    tl.store(indices_ptr + row * K + slots, cols, mask=slots < K)
 
 
 @triton.jit
@@ -79,7 +111,7 @@ def topk_merge_kernel(
 ):
     row = tl.program_id(axis=0).to(tl.int64)
     group = tl.program_id(axis=1).to(tl.int64)
-    top = _top_keys(keys_ptr, row, group, N, GROUP, K_POW2)
+    top = _top_keys(keys_ptr, row, group, N, N, GROUP, K_POW2)
     slots = tl.arange(0, K_POW2)
     out = out_keys_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     tl.store(out + row * (N_GROUPS * K_POW2) + group * K_POW2 + slots, top)
@@ -96,8 +128,117 @@ def topk_final_kernel(
     GROUP: tl.constexpr,
 ):
     row = tl.program_id(axis=0).to(tl.int64)
-    values, cols = _unpack(_top_keys(keys_ptr, row, 0, N, GROUP, K_POW2))
-    slots = tl.arange(0, K_POW2)
-    tl.store(values_ptr + row * K + slots, values.to(values_ptr.dtype.element_ty),
-             mask=slots < K)
-    tl.store(indices_ptr + row * K + slots, cols, mask=slots < K)
+    top = _top_keys(keys_ptr, row, 0, N, N, GROUP, K_POW2)
+    _store_top(values_ptr, indices_ptr, row, top, K, K_POW2)
+
+
+# --------------------------------------------------------------------- threshold method
+
+
+@triton.jit
+def _row_keys(x_ptr, row, columns, F: tl.constexpr):
+    """Ordered int32 keys of x[row, columns] (any shape of int64 columns); INT32_MIN past F."""
+    x = tl.load(x_ptr + row * F + columns, mask=columns < F, other=0.0)
+    return tl.where(columns < F, _ordered(x.to(tl.float32)), INT32_MIN)
+
+
+@triton.jit
+def _count_at_least(x_ptr, row, bound, F: tl.constexpr, BLOCK: tl.constexpr):
+    """How many entries of the row have a key >= bound (an int64 scalar)."""
+    count = tl.zeros((), tl.int32)
+    for start in range(0, F, BLOCK):
+        columns = start + tl.arange(0, BLOCK).to(tl.int64)
+        keys = _row_keys(x_ptr, row, columns, F).to(tl.int64)
+        count += tl.sum(((keys >= bound) & (columns < F)).to(tl.int32))
+    return count
+
+
+@triton.jit
+def _keep(x_ptr, out_ptr, row, lo, hi, n_above, F: tl.constexpr, BLOCK: tl.constexpr,
+          CANDIDATES: tl.constexpr):
+    """Writes the row's packed keys >= hi to slots [0, n_above) and, in column order, those
+    in [lo, hi) to the slots after them that fit in CANDIDATES. Returns how many entries
+    have a key >= lo. Requires count(keys >= hi) == n_above <= CANDIDATES."""
+    n_sure = tl.zeros((), tl.int32)
+    n_maybe = tl.zeros((), tl.int32)
+    for start in range(0, F, BLOCK):
+        columns = start + tl.arange(0, BLOCK).to(tl.int64)
+        ordered = _row_keys(x_ptr, row, columns, F)
+        keys = ordered.to(tl.int64)
+        sure = (keys >= hi) & (columns < F)
+        maybe = (keys >= lo) & (keys < hi) & (columns < F)
+        # one scan for both: sure counts in the low 16 bits, maybe counts above them
+        ranks = tl.cumsum(sure.to(tl.int32) + (maybe.to(tl.int32) << 16), 0)
+        sure_slot = n_sure + (ranks & 65535) - 1
+        maybe_slot = n_above + n_maybe + (ranks >> 16) - 1
+        slot = tl.where(sure, sure_slot, maybe_slot)
+        keep = sure | (maybe & (maybe_slot < CANDIDATES))
+        tl.store(out_ptr + row * CANDIDATES + slot, _pack_ordered(ordered, columns), mask=keep)
+        n_sure += tl.sum(sure.to(tl.int32))
+        n_maybe += tl.sum(maybe.to(tl.int32))
+    return n_sure + n_maybe
+
+
+@triton.jit
+def topk_select_kernel(
+    x_ptr,  # [B, F] float32 / bfloat16 / float16
+    keys_ptr,  # [B, CANDIDATES] int64 (int32 pairs): kept packed keys, first count valid
+    count_ptr,  # [B] int32: how many slots of keys are valid (>= K)
+    F: tl.constexpr,
+    K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    GROUPS: tl.constexpr,
+    ROWS: tl.constexpr,  # BLOCK = ROWS * GROUPS columns per step
+    CANDIDATES: tl.constexpr,
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    BLOCK: tl.constexpr = ROWS * GROUPS
+    tile = tl.arange(0, ROWS)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    # read 1: maxima of the column groups {c : c % GROUPS == g} (INT32_MIN if empty)
+    best = tl.full((ROWS, GROUPS), INT32_MIN, tl.int32)
+    for start in range(0, F, BLOCK):
+        best = tl.maximum(best, _row_keys(x_ptr, row, start + tile.to(tl.int64), F))
+    group_max = tl.topk(tl.max(best, axis=0), K_POW2)  # sorted descending
+    # the K-th largest group maximum: K groups hold an entry >= it, so count(>= lo) >= K
+    lo = tl.max(tl.where(tl.arange(0, K_POW2) == K - 1, group_max, INT32_MIN)).to(tl.int64)
+    out_ptr = keys_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    # read 2: keep every entry >= lo
+    n_lo = _keep(x_ptr, out_ptr, row, lo, NO_UPPER_BOUND, 0, F, BLOCK, CANDIDATES)
+    n_valid = n_lo
+    if n_lo > CANDIDATES:
+        # bisect on the key: count(>= lo) >= K > count(>= hi), until count(>= lo) fits or
+        # hi == lo + 1 (lo is then the K-th key exactly and its ties fill the buffer)
+        hi = tl.full((), NO_UPPER_BOUND, tl.int64)
+        n_hi = tl.zeros((), tl.int32)
+        while (n_lo > CANDIDATES) & (hi - lo > 1):
+            mid = (lo + hi) >> 1
+            n_mid = _count_at_least(x_ptr, row, mid, F, BLOCK)
+            if n_mid >= K:
+                lo = mid
+                n_lo = n_mid
+            else:
+                hi = mid
+                n_hi = n_mid
+        tl.debug_barrier()  # the first read's stores land before these overwrite them
+        if n_lo <= CANDIDATES:
+            hi = tl.full((), NO_UPPER_BOUND, tl.int64)
+            n_hi = tl.zeros((), tl.int32)
+        _keep(x_ptr, out_ptr, row, lo, hi, n_hi, F, BLOCK, CANDIDATES)
+        n_valid = tl.minimum(n_lo, CANDIDATES)
+    tl.store(count_ptr + row, n_valid)
+
+
+@triton.jit
+def topk_sort_kernel(
+    keys_ptr,  # [B, CANDIDATES] int64 (int32 pairs) from topk_select_kernel
+    count_ptr,  # [B] int32 valid slots per row
+    values_ptr,  # [B, K] output dtype
+    indices_ptr,  # [B, K] int32
+    K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    CANDIDATES: tl.constexpr,
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    n_valid = tl.load(count_ptr + row)
+    top = _top_keys(keys_ptr, row, 0, n_valid, CANDIDATES, CANDIDATES, K_POW2)
+    _store_top(values_ptr, indices_ptr, row, top, K, K_POW2)
