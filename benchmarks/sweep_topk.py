@@ -22,7 +22,7 @@ from hsae_jax.bench import common
 
 def candidates():
     yield "threshold", TopKConfig(method="threshold")
-    for warps, block in [(4, 4096), (16, 4096), (8, 2048), (8, 8192), (4, 2048)]:
+    for warps, block in [(8, 4096), (4, 4096), (8, 2048), (4, 1024), (2, 2048)]:
         yield "threshold", TopKConfig(method="threshold", num_warps=warps, block=block)
     yield "threshold", TopKConfig(method="threshold", groups=1)  # groups = next_pow2(k)
     yield "bitonic", TopKConfig(method="bitonic")
@@ -33,8 +33,8 @@ def describe(config: TopKConfig | None) -> str:
         return "-"
     c = config
     if c.method == "bitonic":
-        return f"chunk={c.chunk} group={c.group} w={c.num_warps}"
-    return f"groups={c.groups} cand={c.candidates} block={c.block} w={c.num_warps}"
+        return f"chunk={c.chunk} group={c.group} w={c.num_warps or 'auto'}"
+    return f"groups={c.groups} cand={c.candidates} block={c.block} w={c.num_warps or 'auto'}"
 
 
 def _torch_topk(x, k):

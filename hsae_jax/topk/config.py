@@ -21,6 +21,11 @@ def _check_power_of_two(name: str, value: int | None) -> None:
 class TopKConfig:
     """Launch settings of the Triton top-k.
 
+    Defaults from benchmarks/sweep_topk.py on an H200 ([4096, 65536], k in 32..256,
+    float32 and bfloat16): the threshold method with block=2048 and 4 warps was best or
+    within 10% of best everywhere (1.1-1.5 ms; the bitonic method 5.1-15.6 ms).
+    num_warps: None: 4 for the threshold method, 8 for the bitonic one (each its best).
+
     method: ``"threshold"`` (a lower bound for the k-th largest value from strided group
       maxima, one filtering pass that keeps the few entries above it, a small sort),
       ``"bitonic"`` (bitonic top-k over chunks of every row, merged), or ``"auto"``
@@ -40,10 +45,10 @@ class TopKConfig:
     method: str = "auto"
     groups: int | None = None
     candidates: int | None = None
-    block: int = 4096
+    block: int = 2048
     chunk: int | None = None
     group: int = 4096
-    num_warps: int = 8
+    num_warps: int | None = None
     num_stages: int = 1
 
     def resolve(self, f: int, k: int) -> TopKConfig:
@@ -66,6 +71,9 @@ class TopKConfig:
         if method == "threshold" and block > 32768:
             raise ValueError(f"TopKConfig.block={block} (>= groups) must be <= 32768 for the "
                              "threshold method (ranks are counted in 16 bits per step)")
+        if self.num_warps is not None and self.num_warps < 1:
+            raise ValueError(f"TopKConfig.num_warps={self.num_warps} must be >= 1")
+        num_warps = self.num_warps or (4 if method == "threshold" else 8)
         return dataclasses.replace(
             self, method=method, groups=groups, candidates=candidates, block=block,
-            chunk=chunk, group=max(self.group, 2 * k_pow2))
+            chunk=chunk, group=max(self.group, 2 * k_pow2), num_warps=num_warps)

@@ -23,9 +23,9 @@ row to its top K and unpacks values and indices.
 import triton
 import triton.language as tl
 
-INT32_MIN: tl.constexpr = -2147483648
-INT64_MIN: tl.constexpr = -9223372036854775807 - 1
-NO_UPPER_BOUND: tl.constexpr = 2147483648  # above every int32 key
+INT32_MIN = tl.constexpr(-2147483648)
+INT64_MIN = tl.constexpr(-9223372036854775807 - 1)
+NO_UPPER_BOUND = tl.constexpr(2147483648)  # above every int32 key
 
 
 @triton.jit
