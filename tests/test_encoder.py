@@ -15,7 +15,12 @@ BACKENDS = [
     pytest.param("xla", None, id="xla"),
     pytest.param("xla", SparseEncoderConfig(xla_chunk=3), id="xla-chunk3"),
     pytest.param("interpret", None, marks=requires_interpreter, id="interpret"),
+    # several D tiles and several pair steps per latent
+    pytest.param("interpret", SparseEncoderConfig(block_pairs=2, block_d=8),
+                 marks=requires_interpreter, id="interpret-small-blocks"),
     pytest.param("triton", None, marks=requires_gpu, id="triton"),
+    pytest.param("triton", SparseEncoderConfig(block_pairs=2, block_d=8), marks=requires_gpu,
+                 id="triton-small-blocks"),
 ]
 
 
@@ -51,6 +56,31 @@ def test_sparse_backward_equals_dense_autodiff(backend, config, b, d, f, k, rng_
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(vals) >= 0)
     assert np.all(np.diff(np.asarray(vals), axis=1) <= 0)  # sorted descending
+
+
+@pytest.mark.parametrize("backend, config", BACKENDS)
+def test_hot_latents_chosen_by_every_token(backend, config, rng_seed):
+    """A few latents in every token's top-k: long runs for one latent, empty runs elsewhere."""
+    x, w_enc, b_enc, b_dec = encoder_inputs(rng_seed, 40, 12, 64)
+    b_enc = b_enc.at[jnp.array([3, 17, 60])].add(50.0)
+    inputs, k = (x, w_enc, b_enc, b_dec), 4
+    cotangent = jnp.asarray(np.random.default_rng(rng_seed).normal(size=(40, k)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        (_, (_, idx)), grads = value_and_grads(backend, config, inputs, k, cotangent)
+        _, ref_grads = value_and_grads("reference", None, inputs, k, cotangent)
+    assert set(np.asarray(idx)[:, :3].ravel()) == {3, 17, 60}
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+    again = value_and_grads(backend, config, inputs, k, cotangent)[1]
+    chex.assert_trees_all_equal(grads[1], again[1])  # dW_enc: no atomics, same order
+
+
+@pytest.mark.parametrize("config, message", [
+    (SparseEncoderConfig(block_d=48), "block_d=48 must be a power of two"),
+    (SparseEncoderConfig(num_warps=0), "num_warps=0 must be >= 1"),
+])
+def test_bad_config_is_rejected(config, message):
+    with pytest.raises(ValueError, match=message):
+        topk_encode(*encoder_inputs(0, 4, 6, 10), 3, config=config)
 
 
 def test_relu_blocks_the_gradient_of_negative_selections():

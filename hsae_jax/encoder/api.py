@@ -5,9 +5,17 @@
     vals, indices = top_k(pre, K); vals = relu(vals)
 
 Plain autodiff would push a dense [B, F] gradient through the matmul (two [B, F] x
-[F, D]-sized products). Here the backward uses only the B x K selected entries: a
-scatter into dW_enc and a gather for d xc (kernel or XLA), so its cost scales with K,
-not F. Results equal the dense gradient (tests check it).
+[F, D]-sized products). Here the backward uses only the B x K selected entries dpre:
+
+    dW_enc[f] = sum of dpre[b, j] * xc[b] over the pairs with indices[b, j] == f
+    db_enc[f] = sum of dpre[b, j] over the same pairs
+    db_dec    = -(db_enc @ W_enc)                  (= -sum_b dxc[b], without dxc)
+    dx        = dxc[b] = sum_j dpre[b, j] * W_enc[indices[b, j]]
+
+dW_enc is a segment sum over the pairs sorted by latent (a Triton kernel, or a
+scatter-add on the xla backend); dx is a separate gather that XLA drops when the
+caller does not differentiate with respect to x (training never does). Results equal
+the dense gradient (tests check it).
 """
 
 from __future__ import annotations
@@ -28,14 +36,27 @@ _KERNELS = "hsae_jax.encoder.kernels"
 
 @dataclasses.dataclass(frozen=True)
 class SparseEncoderConfig:
-    """Launch settings of ``sparse_encoder_backward_kernel`` (and the XLA chunk size)."""
+    """Launch settings of ``encoder_weight_grad_kernel`` (and the XLA chunk size).
 
-    block_b: int = 4
-    block_d: int = 128
-    loop_num_stages: int = 4
-    num_warps: int = 4
+    block_pairs: (token, latent) pairs of one latent a program sums per step.
+    block_d: columns of D per program.
+    xla_chunk: latents per step of the XLA scans (the xla backend's dW_enc, and dx).
+    """
+
+    block_pairs: int = 8
+    block_d: int = 256
+    num_warps: int = 2
     num_stages: int = 2
     xla_chunk: int = 4
+
+    def validate(self) -> None:
+        for name in ("block_pairs", "block_d"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"SparseEncoderConfig.{name}={value} must be a power of two")
+        for name in ("num_warps", "num_stages", "xla_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SparseEncoderConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,45 +73,55 @@ class _Encoder:
         values, indices = top_k(pre, self.k, backend=self.backend, config=self.topk_config)
         return jax.nn.relu(values), indices, xc
 
-    def sparse_backward(self, indices, w_enc, dpre, xc):
-        """(dW_enc [F, D] float32, d xc [B, D] float32) from dpre [B, K]."""
+    def weight_grad(self, indices, dpre, xc, f):
+        """dW_enc [F, D] float32 from dpre [B, K] float32 and xc [B, D]."""
         if self.backend == "xla":
-            return _sparse_backward_xla(indices, w_enc, dpre, xc, self.config.xla_chunk)
+            return _weight_grad_xla(indices, dpre, xc, f, self.config.xla_chunk)
         b, k = indices.shape
-        f, d = w_enc.shape
+        d = xc.shape[1]
         cfg = self.config
-        kernel = kernel_module(_KERNELS, self.backend).sparse_encoder_backward_kernel
-        dweight, dxc = launch(
-            kernel, indices, w_enc, dpre, xc,
-            out_shape=[jax.ShapeDtypeStruct((f, d), jnp.float32),
-                       jax.ShapeDtypeStruct((b, d), jnp.float32)],
-            grid=(_shapes.cdiv(b, cfg.block_b), _shapes.cdiv(d, cfg.block_d)),
-            backend=self.backend, zeroed_outputs=(0,), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, B=b, F=f, D=d, K=k, BLOCK_B=cfg.block_b,
-            BLOCK_D=cfg.block_d, LOOP_NUM_STAGES=cfg.loop_num_stages)
-        return dweight, dxc
+        flat = indices.reshape(-1)
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+        counts = jnp.bincount(flat, length=f)
+        starts = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                  jnp.cumsum(counts).astype(jnp.int32)])
+        kernel = kernel_module(_KERNELS, self.backend).encoder_weight_grad_kernel
+        (dweight,) = launch(
+            kernel, order, starts, dpre.reshape(-1), xc,
+            out_shape=[jax.ShapeDtypeStruct((f, d), jnp.float32)],
+            grid=(f, _shapes.cdiv(d, cfg.block_d)), backend=self.backend,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, D=d, K=k,
+            BLOCK_PAIRS=cfg.block_pairs, BLOCK_D=cfg.block_d)
+        return dweight
 
 
-def _sparse_backward_xla(indices, w_enc, dpre, xc, chunk):
-    """The same sums as the kernel, as a scan over chunks of the K latents."""
-    b, k = indices.shape
-    f, d = w_enc.shape
-    chunk = max(1, min(chunk, k))
+def _weight_grad_xla(indices, dpre, xc, f, chunk):
+    """dW_enc as a scan of scatter-adds over chunks of the K latents."""
     idx = chunk_latents(safe_indices(indices, f), chunk, f)  # padding selects no row
     dp = chunk_latents(dpre, chunk, 0.0)
     xc32 = xc.astype(jnp.float32)
 
-    def step(carry, xs):
-        dweight, dxc = carry
+    def step(dweight, xs):
+        idx_c, dp_c = xs
+        return dweight.at[idx_c].add(dp_c[..., None] * xc32[:, None, :], mode="drop"), None
+
+    dweight, _ = jax.lax.scan(step, jnp.zeros((f, xc.shape[1]), jnp.float32), (idx, dp))
+    return dweight
+
+
+def _xc_grad(indices, w_enc, dpre, chunk):
+    """dxc [B, D] float32 = sum_j dpre[b, j] * W_enc[indices[b, j]], K in chunks."""
+    f, d = w_enc.shape
+    idx = chunk_latents(safe_indices(indices, f), max(1, min(chunk, indices.shape[1])), f)
+    dp = chunk_latents(dpre, idx.shape[2], 0.0)
+
+    def step(dxc, xs):
         idx_c, dp_c = xs
         rows = jnp.take(w_enc, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-        dxc = dxc + jnp.einsum("bc,bcd->bd", dp_c, rows)
-        dweight = dweight.at[idx_c].add(dp_c[..., None] * xc32[:, None, :], mode="drop")
-        return (dweight, dxc), None
+        return dxc + jnp.einsum("bc,bcd->bd", dp_c, rows), None
 
-    init = (jnp.zeros((f, d), jnp.float32), jnp.zeros((b, d), jnp.float32))
-    (dweight, dxc), _ = jax.lax.scan(step, init, (idx, dp))
-    return dweight, dxc
+    dxc, _ = jax.lax.scan(step, jnp.zeros((indices.shape[0], d), jnp.float32), (idx, dp))
+    return dxc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -108,13 +139,16 @@ def _encode_bwd(enc, saved, cotangents):
     indices, vals, xc, w_enc, b_enc, b_dec = saved
     dvals, _ = cotangents
     dpre = jnp.where(vals > 0, dvals, 0).astype(jnp.float32)  # ReLU
-    dweight, dxc = enc.sparse_backward(indices, w_enc, dpre, xc)
-    db_enc = jnp.zeros(b_enc.shape, jnp.float32).at[indices.reshape(-1)].add(dpre.reshape(-1))
+    f = w_enc.shape[0]
+    dweight = enc.weight_grad(indices, dpre, xc, f)
+    db_enc = jnp.zeros((f,), jnp.float32).at[indices.reshape(-1)].add(dpre.reshape(-1))
+    db_dec = -jnp.dot(db_enc, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    dxc = _xc_grad(indices, w_enc, dpre, enc.config.xla_chunk)  # dropped unless dx is used
     return (
         dxc.astype(xc.dtype),
         dweight.astype(w_enc.dtype),
         db_enc.astype(b_enc.dtype),
-        (-jnp.sum(dxc, axis=0)).astype(b_dec.dtype),
+        db_dec.astype(b_dec.dtype),
     )
 
 
@@ -157,5 +191,9 @@ def topk_encode(
                       preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
         values, indices = jax.lax.top_k(pre, k)
         return jax.nn.relu(values), indices
-    enc = _Encoder(concrete, k, topk_config or TopKConfig(), config or SparseEncoderConfig())
+    if config is not None and not isinstance(config, SparseEncoderConfig):
+        raise TypeError(f"config must be a SparseEncoderConfig, got {type(config).__name__}")
+    config = config or SparseEncoderConfig()
+    config.validate()
+    enc = _Encoder(concrete, k, topk_config or TopKConfig(), config)
     return _encode(enc, x, w_enc, b_enc, b_dec)
