@@ -26,7 +26,8 @@ def test_step_benchmark_smoke(tmp_path):
     payload = json.loads(out.read_text())
     assert {r["impl"] for r in payload["steps"]} == {"hsae", "naive-jax"}
     assert all(r["tokens_per_s"] > 0 for r in payload["steps"])
-    assert {"encoder matmul", "top-k hsae", "clip + Adam update"} <= {
+    assert {"encoder matmul", "top-k hsae", "clip + Adam update", "loss and gradients (trainer)",
+            "after-gradient tail (trainer)"} <= {
         p["piece"] for p in payload["pieces"]}
     assert not [p for p in payload["pieces"] if "error" in p]
 

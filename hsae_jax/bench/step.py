@@ -18,6 +18,7 @@ backward and the optimizer update, each alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,10 @@ from hsae_jax import backends
 from hsae_jax.bench import common
 from hsae_jax.encoder import topk_encode
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
-from hsae_jax.model import SAEConfig, init_arrays
+from hsae_jax.model import SAEConfig, init_arrays, sae_loss
 from hsae_jax.topk import top_k
 from hsae_jax.train.config import TrainConfig
-from hsae_jax.train.step import make_mesh, make_optimizer, make_train_step
+from hsae_jax.train.step import apply_gradients, make_mesh, make_optimizer, make_train_step
 
 STEP_IMPLS = ("hsae", "hsae-bf16", "naive-jax", "torch")
 
@@ -245,6 +246,12 @@ def run_pieces(settings: StepBenchSettings, log=print) -> list[dict]:
                                                           jnp.zeros((d,)), k)[0]))(w)
 
         timed("encoder fwd+sparse bwd", jax.jit(enc_grad), w, x, k=k)
+        for dtype in ("float32", "bfloat16"):
+            cfg = SAEConfig(d_model=d, n_latents=f, k=k, compute_dtype=dtype)
+            p0, s0 = init_arrays(cfg, jax.random.key(0))
+            grads = jax.jit(jax.value_and_grad(functools.partial(sae_loss, cfg), has_aux=True))
+            timed("loss and gradients (trainer)", grads, p0, s0, x, k=k, dtype=dtype)
+            del p0, s0
         timed("encoder fwd+dense bwd", jax.jit(lambda w, x, k=k: jax.grad(
             lambda w: jnp.sum(topk_encode(x, w, jnp.zeros((f,)), jnp.zeros((d,)), k,
                                           backend="reference")[0]))(w)), w, x, k=k)
@@ -253,6 +260,10 @@ def run_pieces(settings: StepBenchSettings, log=print) -> list[dict]:
     opt_state = tx.init(params)
     update = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
     timed("clip + Adam update", update, params, opt_state, params)
+    # everything the trainer does after the gradients (projection, finite checks, clip,
+    # Adam, renormalisation, the grad-norm metric); params are not donated here
+    tail = jax.jit(lambda g, s, p: apply_gradients(tx, p, s, dict(g), jnp.float32(1.0)))
+    timed("after-gradient tail (trainer)", tail, params, opt_state, params)
     return rows
 
 

@@ -63,13 +63,29 @@ def _global_norm(tree):
     return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
 
 
+def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, loss):
+    """The step after the gradients: (params, opt_state, grad_norm).
+
+    The W_dec gradient's component along each row is removed, clip + Adam run (an update
+    is skipped when ``loss`` or any gradient is not finite), and W_dec rows are
+    renormalised; a skipped update leaves ``params`` unchanged.
+    """
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+    grads["W_dec"] = project_decoder_grad(params["W_dec"], grads["W_dec"])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_params["W_dec"] = normalize_decoder(new_params["W_dec"])
+    finite = opt_state.last_finite
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+    return params, opt_state, _global_norm(grads)
+
+
 def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh):
     """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
 
     One step: loss and gradients on each device's rows, gradients averaged over
-    devices, the W_dec gradient's component along each row removed, clip + Adam, W_dec
-    rows renormalised, dead-latent counters advanced. A step whose loss or gradient is
-    not finite changes nothing but the skip counter.
+    devices, :func:`apply_gradients`, dead-latent counters advanced. A step whose loss
+    or gradient is not finite changes nothing but the skip counter.
     """
 
     def local_step(params, stats, opt_state, x):
@@ -77,13 +93,8 @@ def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh
         (loss, aux), grads = grad_fn(params, stats, x)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
-        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
-        grads["W_dec"] = project_decoder_grad(params["W_dec"], grads["W_dec"])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params["W_dec"] = normalize_decoder(new_params["W_dec"])
+        params, opt_state, grad_norm = apply_gradients(tx, params, opt_state, grads, loss)
         finite = opt_state.last_finite
-        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
 
         tokens = x.shape[0] * jax.lax.psum(1, AXIS)
         fired = jax.lax.psum(aux["fired"].astype(jnp.int32), AXIS) > 0
@@ -97,7 +108,7 @@ def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh
             "auxk_loss": jax.lax.pmean(aux["auxk_loss"], AXIS),
             "l0": jax.lax.pmean(aux["l0"], AXIS),
             "dead_fraction": jnp.mean(stats["tokens_since_fired"] >= cfg.dead_tokens),
-            "grad_norm": _global_norm(grads),
+            "grad_norm": grad_norm,
             "skipped_steps": opt_state.total_notfinite,
         }
         return params, stats, opt_state, metrics
