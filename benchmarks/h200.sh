@@ -5,6 +5,7 @@
 #   tests        pytest -m gpu (the triton backend against the oracle and reference)
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
+#   seed-jt      benchmarks/seed_via_jax_triton.py (the seed's kernels through jax-triton)
 #   sweep-topk   benchmarks/sweep_topk.py (top-k methods and launch settings, torch.topk)
 #   bench-step   hsae bench --step (whole training steps and their pieces)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
@@ -32,6 +33,8 @@ for step in "$@"; do
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
     sweep) python3 benchmarks/sweep_loss.py --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    seed-jt) python3 benchmarks/seed_via_jax_triton.py --seed-module .seed/hierarchical_kernels.py \
+        --out "$OUT/seed_via_jax_triton.json" 2>&1 | tee "$OUT/seed_via_jax_triton.log" ;;
     sweep-topk) python3 benchmarks/sweep_topk.py --out "$OUT/sweep_topk.json" 2>&1 \
         | tee "$OUT/sweep_topk.log" ;;
     bench-loss) python3 -m hsae_jax.cli bench --iters 20 --seed-module .seed/hierarchical_kernels.py \
