@@ -134,6 +134,12 @@ def main() -> None:
                                              warmup=2, iters=args.iters))
                 print(row, flush=True)
                 rows.append(row)
+                forward = jax.jit(fn)  # the forward kernel alone (no gradient requested)
+                row = dict(k=k, distribution=dist, impl=f"{name} (forward only)")
+                row.update(common.time_calls(lambda s=forward, v=vals: s(weight, v, bias),
+                                             warmup=2, iters=args.iters))
+                print(row, flush=True)
+                rows.append(row)
             # the seed's loss is the plain mean over K prefixes, as hsae's default
             ref = results["hsae fused"]
             for name, (value, grads) in results.items():
