@@ -95,3 +95,14 @@ def test_mismatched_shapes_are_rejected():
     x, w_enc, b_enc, b_dec = encoder_inputs(0, 4, 6, 10)
     with pytest.raises(ValueError, match=r"x \(4, 5\) must be \[B, D=6\]"):
         topk_encode(x[:, :5], w_enc, b_enc, b_dec, 3)
+
+
+@pytest.mark.parametrize("wrt_x", [False, True])
+def test_the_dx_gather_runs_only_when_x_is_differentiated(wrt_x):
+    """Training differentiates the parameters only; the [B, K, D] gather for dx is dropped."""
+    inputs = encoder_inputs(0, 16, 8, 64)
+    argnums = (0, 1, 2, 3) if wrt_x else (1, 2, 3)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(topk_encode(*a, 4, backend="xla")[0]),
+                            argnums=argnums))
+    hlo = grad.lower(*inputs).compile().as_text()
+    assert (" gather(" in hlo) == wrt_x

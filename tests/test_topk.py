@@ -125,3 +125,13 @@ def test_bad_arguments_are_rejected(x, k, error, message):
 def test_bad_config_is_rejected_before_launch(config, message):
     with pytest.raises(ValueError, match=message):
         top_k(jnp.ones((2, 100)), 4, backend=KERNEL_BACKEND, config=config)
+
+
+@pytest.mark.parametrize("k, method", [(1, "threshold"), (256, "threshold"), (512, "threshold"),
+                                       (513, "bitonic"), (4096, "bitonic")])
+def test_auto_uses_the_threshold_method_while_its_buffer_is_small(k, method):
+    resolved = TopKConfig().resolve(65536, k)
+    assert resolved.method == method
+    assert resolved.num_warps == (4 if method == "threshold" else 8)
+    if method == "threshold":
+        assert resolved.candidates == resolved.groups == 4 * max(2, 1 << (k - 1).bit_length())
