@@ -135,3 +135,13 @@ def test_auto_uses_the_threshold_method_while_its_buffer_is_small(k, method):
     assert resolved.num_warps == (4 if method == "threshold" else 8)
     if method == "threshold":
         assert resolved.candidates == resolved.groups == 4 * max(2, 1 << (k - 1).bit_length())
+
+
+@pytest.mark.parametrize("backend, config", BACKENDS)
+def test_nan_sign_orders_like_lax_top_k(backend, config):
+    x = np.array([[1.0, -np.inf, 2.0, 0.5, np.inf, -0.0, 0.0]], np.float32)
+    x[0, 3] = np.array([0xFFC00000], np.uint32).view(np.float32)[0]  # NaN, sign bit set
+    x = np.concatenate([x, np.where(np.arange(7) == 3, np.float32(np.nan), x)])  # positive NaN
+    _, indices = top_k(jnp.asarray(x), 7, backend=backend, config=config)
+    np.testing.assert_array_equal(np.asarray(indices), [[4, 2, 0, 6, 5, 1, 3],
+                                                        [3, 4, 2, 0, 6, 5, 1]])

@@ -127,8 +127,11 @@ def top_k(
 
     Returns:
       (values [..., k] in x.dtype, indices [..., k] int32): values sorted descending,
-      exact; equal values come in order of their index (lower first); NaN ranks above
-      +inf. Differentiable in ``x``: the gradient scatters into the selected positions.
+      exact; equal values come in order of their index (lower first). Values are ranked
+      in float total order, as ``lax.top_k`` ranks them: a NaN with the sign bit clear
+      above +inf, one with the sign bit set (``0.0 / 0.0`` on x86 CPUs) below -inf, and
+      -0.0 below +0.0. Differentiable in ``x``: the gradient scatters into the selected
+      positions.
     """
     f = check_top_k_inputs(x, k)
     concrete = backends.resolve_backend(backend)
