@@ -29,7 +29,7 @@ from flax import nnx
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
-from hsae_jax.loss.common import chunk_latents, safe_indices
+from hsae_jax.loss.common import weighted_row_sum
 
 OBJECTIVES = ("hierarchical", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -152,18 +152,9 @@ def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int
     if k is not None:
         vals, indices = vals[:, :k], indices[:, :k]
     w = params["W_dec"]
-    b, kk = indices.shape
-    c = min(chunk, kk)
-
-    def step(recon, xs):
-        idx_c, v_c = xs
-        rows = jnp.take(w, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-        return recon + jnp.einsum("bc,bcd->bd", v_c, rows), None
-
-    xs = (chunk_latents(safe_indices(indices, w.shape[0]), c, w.shape[0]),
-          chunk_latents(vals.astype(jnp.float32), c, 0.0))
-    recon0 = jnp.broadcast_to(params["b_dec"].astype(jnp.float32), (b, w.shape[1]))
-    recon, _ = jax.lax.scan(step, recon0, xs)
+    recon0 = jnp.broadcast_to(params["b_dec"].astype(jnp.float32),
+                              (indices.shape[0], w.shape[1]))
+    recon = weighted_row_sum(w, indices, vals, chunk, recon0)
     return recon / stats["input_scale"]
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from hsae_jax import _shapes, backends
-from hsae_jax.loss.common import chunk_latents, safe_indices
+from hsae_jax.loss.common import chunk_latents, safe_indices, weighted_row_sum
 from hsae_jax.topk import TopKConfig, top_k
 from hsae_jax.triton_launch import kernel_module, launch
 
@@ -109,21 +109,6 @@ def _weight_grad_xla(indices, dpre, xc, f, chunk):
     return dweight
 
 
-def _xc_grad(indices, w_enc, dpre, chunk):
-    """dxc [B, D] float32 = sum_j dpre[b, j] * W_enc[indices[b, j]], K in chunks."""
-    f, d = w_enc.shape
-    idx = chunk_latents(safe_indices(indices, f), max(1, min(chunk, indices.shape[1])), f)
-    dp = chunk_latents(dpre, idx.shape[2], 0.0)
-
-    def step(dxc, xs):
-        idx_c, dp_c = xs
-        rows = jnp.take(w_enc, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-        return dxc + jnp.einsum("bc,bcd->bd", dp_c, rows), None
-
-    dxc, _ = jax.lax.scan(step, jnp.zeros((indices.shape[0], d), jnp.float32), (idx, dp))
-    return dxc
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _encode(enc, x, w_enc, b_enc, b_dec):
     vals, indices, _ = enc.forward(x, w_enc, b_enc, b_dec)
@@ -143,7 +128,9 @@ def _encode_bwd(enc, saved, cotangents):
     dweight = enc.weight_grad(indices, dpre, xc, f)
     db_enc = jnp.zeros((f,), jnp.float32).at[indices.reshape(-1)].add(dpre.reshape(-1))
     db_dec = -jnp.dot(db_enc, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    dxc = _xc_grad(indices, w_enc, dpre, enc.config.xla_chunk)  # dropped unless dx is used
+    # dx: XLA drops this gather unless the caller differentiates with respect to x
+    dxc = weighted_row_sum(w_enc, indices, dpre, enc.config.xla_chunk,
+                           jnp.zeros(xc.shape, jnp.float32))
     return (
         dxc.astype(xc.dtype),
         dweight.astype(w_enc.dtype),

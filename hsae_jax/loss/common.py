@@ -37,10 +37,32 @@ def gather_rows(weight: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def chunk_latents(x: jax.Array, chunk: int, fill) -> jax.Array:
-    """[B, K] -> [ceil(K / chunk), B, chunk]: K in scan-sized chunks, padded with ``fill``."""
+    """[B, K] -> [ceil(K / c), B, c] with c = min(chunk, K): K in scan-sized chunks, the
+    last one padded with ``fill``."""
     b, k = x.shape
+    chunk = max(1, min(chunk, k))
     x = jnp.pad(x, ((0, 0), (0, -k % chunk)), constant_values=fill)
     return x.reshape(b, -1, chunk).transpose(1, 0, 2)
+
+
+def weighted_row_sum(weight: jax.Array, indices: jax.Array, coefs: jax.Array, chunk: int,
+                     init: jax.Array) -> jax.Array:
+    """[B, D] float32: ``init + sum_j coefs[b, j] * weight[indices[b, j]]``.
+
+    weight [F, D], indices [B, K] (out-of-range ones add nothing), coefs [B, K]; a scan
+    over chunks of ``chunk`` latents, so no [B, K, D] tensor is built.
+    """
+    f = weight.shape[0]
+
+    def step(acc, xs):
+        idx_c, coef_c = xs
+        rows = jnp.take(weight, idx_c, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+        return acc + jnp.einsum("bc,bcd->bd", coef_c, rows), None
+
+    xs = (chunk_latents(safe_indices(indices, f), chunk, f),
+          chunk_latents(coefs.astype(jnp.float32), chunk, 0.0))
+    out, _ = jax.lax.scan(step, init, xs)
+    return out
 
 
 def unchunk_latents(x: jax.Array, k: int) -> jax.Array:

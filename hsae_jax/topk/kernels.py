@@ -4,7 +4,8 @@ Each float32 value and its column are packed into one int64 key whose signed ord
 (value, then lower column first): the high word is the value's bits mapped to an
 order-preserving int32, the low word is ``2**32 - 1 - column``. ``tl.topk`` (bitonic
 top-k) on keys therefore selects values and indices together, exactly, with ties broken
-by the lower index; NaN sorts above +inf.
+by the lower index, in float total order (a NaN ranks by its sign bit: above +inf or below
+-inf; -0.0 below +0.0).
 
 Threshold method (two kernels, one program per row):
   ``topk_select_kernel`` reads the row once for the maxima of GROUPS strided column
@@ -30,7 +31,7 @@ NO_UPPER_BOUND = tl.constexpr(2147483648)  # above every int32 key
 
 @triton.jit
 def _ordered(values):
-    """float32 values -> int32 keys in the same order (NaN above +inf)."""
+    """float32 values -> int32 keys in float total order (NaN by its sign bit)."""
     bits = values.to(tl.int32, bitcast=True)
     # negative floats: flip all bits; positive: flip the sign bit -> unsigned order;
     # then flip the sign bit again -> the same order as signed int32.
