@@ -6,6 +6,7 @@
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
 #   seed-jt      benchmarks/seed_via_jax_triton.py (the seed's kernels through jax-triton)
+#   floor        benchmarks/loss_floor.py (gather-only / scatter-only walks beside the fused kernel)
 #   sweep-topk   benchmarks/sweep_topk.py (top-k methods and launch settings, torch.topk)
 #   bench-step   hsae bench --step (whole training steps and their pieces)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
@@ -35,6 +36,8 @@ for step in "$@"; do
         --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
     seed-jt) python3 benchmarks/seed_via_jax_triton.py --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/seed_via_jax_triton.json" 2>&1 | tee "$OUT/seed_via_jax_triton.log" ;;
+    floor) python3 benchmarks/loss_floor.py --configs 4x64x2x4,4x128x4x4 \
+        --out "$OUT/loss_floor.json" 2>&1 | tee "$OUT/loss_floor.log" ;;
     sweep-topk) python3 benchmarks/sweep_topk.py --out "$OUT/sweep_topk.json" 2>&1 \
         | tee "$OUT/sweep_topk.log" ;;
     bench-loss) python3 -m hsae_jax.cli bench --iters 20 --seed-module .seed/hierarchical_kernels.py \

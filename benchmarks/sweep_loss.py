@@ -22,16 +22,30 @@ from hsae_jax import (
 )
 from hsae_jax.bench import common
 from hsae_jax.bench.loss import _seed_torch_runner, load_seed_module
+from hsae_jax.loss import SeedBackwardConfig, SeedForwardConfig
+
+# (block_b, block_d, num_warps, loop_num_stages) tried for each walk kernel
+FUSED = [(4, 128, 4, 4), (4, 128, 4, 3), (4, 128, 4, 6), (2, 128, 4, 4), (8, 128, 8, 4),
+         (8, 64, 4, 4), (4, 64, 2, 4), (2, 256, 4, 4), (4, 256, 8, 4), (16, 32, 8, 8),
+         (1, 64, 2, 4)]
+FORWARD = [(1, 64, 2, 4), (1, 64, 2, 2), (1, 64, 2, 8), (1, 128, 4, 4), (2, 128, 4, 4),
+           (4, 128, 4, 4), (4, 64, 2, 4)]
+BACKWARD = [(16, 32, 8, 16), (16, 32, 8, 4), (4, 128, 4, 4), (8, 64, 4, 4), (2, 128, 4, 4)]
 
 
 def candidates(k: int):
     del k
     yield "two_pass", TritonLossConfig(variant="two_pass")
-    yield "forward-only two_pass", TritonLossConfig(variant="two_pass")
     yield "prefix-sse", TritonLossConfig()
-    for bb, bd, warps, loop_stages in [(4, 128, 4, 4), (4, 64, 4, 4), (2, 128, 4, 4),
-                                       (4, 256, 8, 4), (8, 128, 8, 4), (4, 128, 4, 2),
-                                       (4, 128, 8, 4), (1, 64, 2, 4)]:
+    for bb, bd, warps, loop_stages in FORWARD:
+        yield "forward-only two_pass", TritonLossConfig(
+            variant="two_pass", seed_forward=SeedForwardConfig(
+                block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
+    for bb, bd, warps, loop_stages in BACKWARD:
+        yield "two_pass", TritonLossConfig(
+            variant="two_pass", seed_backward=SeedBackwardConfig(
+                block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
+    for bb, bd, warps, loop_stages in FUSED:
         yield "fused", TritonLossConfig(variant="fused", fused=FusedConfig(
             block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
 
@@ -42,7 +56,11 @@ def describe(variant: str, config: TritonLossConfig) -> str:
         return f"BB={c.block_b} BD={c.block_d} w={c.num_warps} loop_st={c.loop_num_stages}"
     if variant == "prefix-sse":
         return "tile kernel, per-shape defaults"
-    return "seed (torch)" if variant == "seed-torch" else "seed settings"
+    if variant == "seed-torch":
+        return "seed (torch)"
+    f, b = config.seed_forward, config.seed_backward
+    return (f"fwd BB={f.block_b} BD={f.block_d} w={f.num_warps} loop_st={f.loop_num_stages}; "
+            f"bwd BB={b.block_b} BD={b.block_d} w={b.num_warps} loop_st={b.loop_num_stages}")
 
 
 def _loss_fn(variant, config, indices, target):

@@ -59,23 +59,24 @@ GRAD_NAMES = ("weight", "vals", "bias", "target", "prefix_weights")
 
 
 def loss_and_grads(backend, config, inputs, prefix_weights=None, cotangent=1.0):
-    """jit(vjp) of the loss w.r.t. weight, vals, bias, target (and prefix_weights)."""
+    """jit(vjp) of the loss w.r.t. weight, vals, bias, target and, when given,
+    prefix_weights (None: the default weights, whose kernels read one coefficient;
+    grads["prefix_weights"] is then None)."""
     indices, *floats = inputs
 
-    def loss(weight, vals, bias, target, pw):
+    def loss(weight, vals, bias, target, *pw):
         return hsae_jax.hierarchical_sae_loss(
-            indices, weight, vals, bias, target, prefix_weights=pw, backend=backend,
-            config=config)
-
-    pw = jnp.ones(indices.shape[1], jnp.float32) if prefix_weights is None else prefix_weights
+            indices, weight, vals, bias, target, prefix_weights=pw[0] if pw else None,
+            backend=backend, config=config)
 
     @jax.jit
     def run(*args):
         value, vjp = jax.vjp(loss, *args)
         return value, vjp(jnp.asarray(cotangent, jnp.float32))
 
-    value, grads = run(*floats, pw)
-    return value, dict(zip(GRAD_NAMES, grads, strict=True))
+    pw = () if prefix_weights is None else (prefix_weights,)
+    value, grads = run(*floats, *pw)
+    return value, dict(zip(GRAD_NAMES, (*grads, None)[:len(GRAD_NAMES)], strict=True))
 
 
 def check_against_oracle(value, grads, inputs, prefix_weights=None, cotangent=1.0):

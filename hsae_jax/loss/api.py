@@ -143,6 +143,8 @@ def hierarchical_sae_loss(
                                   weight.shape[1])
     if prefix_weights is None:
         prefix_weights = jnp.ones((k,), jnp.float32)
+        if isinstance(impl, TritonLoss):  # one coefficient for every prefix
+            impl = dataclasses.replace(impl, uniform_coef=True)
     static = _Static(impl, jnp.dtype(weight.dtype), jnp.dtype(vals.dtype),
                      jnp.dtype(bias.dtype), jnp.dtype(target.dtype))
     return _loss(static, indices, weight, vals, bias, target, prefix_weights)

@@ -1,7 +1,7 @@
 """Static configuration of the decoder-loss kernels: block sizes, warps, stages.
 
 One frozen, hashable dataclass per kernel; ``None`` fields are filled per shape by
-``resolve``. The defaults of the two seed kernels are the seed's own launch settings.
+``resolve``. Defaults are measured (benchmarks/sweep_loss.py, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -21,22 +21,27 @@ TARGET_PROGRAMS = 1024  # D is split until a launch has about this many programs
 
 @dataclasses.dataclass(frozen=True)
 class SeedForwardConfig:
-    """``hierarchical_sae_forward_kernel`` launch settings (the seed's)."""
+    """``hierarchical_sae_forward_kernel`` launch settings.
 
-    block_b: int = 1
-    block_d: int = 64
+    The seed launches it with 1 x 64 tiles, 2 warps; with the software-pipelined walk
+    4 x 128 tiles, 4 warps are 1.2-2.5x faster (benchmarks/sweep_loss.py on an H200).
+    """
+
+    block_b: int = 4
+    block_d: int = 128
     loop_num_stages: int = 4
-    num_warps: int = 2
+    num_warps: int = 4
     num_stages: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class SeedBackwardConfig:
-    """``hierarchical_sae_backward_kernel`` launch settings (the seed's)."""
+    """``hierarchical_sae_backward_kernel`` launch settings (the seed's, except 4 loop
+    stages: the pipelined walk with the seed's 16 is 1.1-1.3x slower)."""
 
     block_b: int = 16
     block_d: int = 32
-    loop_num_stages: int = 16
+    loop_num_stages: int = 4
     num_warps: int = 8
     num_stages: int = 8
 
@@ -46,15 +51,15 @@ class FusedConfig:
     """``hierarchical_sae_fused_kernel`` launch settings.
 
     Defaults from benchmarks/sweep_loss.py on an H200 (B=4096, F=65536, D=2304, K in
-    {32, 128}, uniform and Zipf indices): BLOCK_B=4, BLOCK_D=128, 4 warps, 4 loop stages
+    {32, 128}, uniform and Zipf indices): BLOCK_B=4, BLOCK_D=64, 2 warps, 4 loop stages
     was best or within 5% of best in every case.
     block_b: rows per program (None: 4, fewer for small B so the grid fills the GPU).
     """
 
     block_b: int | None = None
-    block_d: int = 128
+    block_d: int = 64
     loop_num_stages: int = 4
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 2
 
     def resolve(self, b: int, d: int) -> FusedConfig:

@@ -16,14 +16,91 @@ Changes from the seed (``../shared/seed/hierarchical_kernels.py``):
 - both kernels take per-prefix coefficients ``coef`` [K] (the seed: 1 / (B * K * D) for
   every k), so any weighting of the prefixes costs the same; the backward writes
   ``resid_sum`` [B, D] = sum_k of the residual gradients, from which the bias and target
-  gradients follow without atomics;
+  gradients follow without atomics; with ``UNIFORM_COEF`` (every coef_k equal, the
+  default ``prefix_weights=None``) the walks read coef[0] once instead of every step;
+- the walks load each step's index, value, weight rows and coefficient at the top of
+  the loop body, unconditionally (the seed loads step t + 1 inside ``if t + 1 < K``), so
+  Triton's software pipeliner can issue the gathers ``LOOP_NUM_STAGES - 1`` steps ahead
+  (cp.async into shared memory) instead of one step ahead from registers: a walk is
+  bound by the latency of its dependent loads (index, then row), not by bandwidth;
 - ``hierarchical_sae_fused_kernel`` runs the forward walk and the backward walk in one
-  program, back to back, every step's loads (coefficient included) prefetched a step
-  ahead.
+  program, back to back.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _tile(B: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows [BB] and columns [BD] (int64), their masks, [BB, BD] offsets."""
+    pid_b = tl.program_id(axis=0).to(tl.int64)
+    pid_d = tl.program_id(axis=1).to(tl.int64)
+    batch_offsets = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    offset_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    offset_d = tl.max_contiguous(tl.multiple_of(offset_d, BLOCK_D), BLOCK_D)
+    batch_mask = batch_offsets < B
+    d_mask = offset_d < D
+    return (batch_offsets, batch_mask, offset_d, d_mask,
+            batch_offsets[:, None] * D + offset_d[None, :], batch_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _load_step(indices_ptr, vals_ptr, weight_ptr, batch_offsets, batch_mask, offset_d, d_mask,
+               t, F: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
+    """Step t of a walk: indices [BB], selects-a-row [BB], vals [BB], rows [BB, BD]."""
+    idx = tl.load(indices_ptr + batch_offsets * K + t, mask=batch_mask, other=0).to(tl.int64)
+    row_ok = batch_mask & (idx >= 0) & (idx < F)
+    val = tl.load(vals_ptr + batch_offsets * K + t, mask=batch_mask, other=0.0).to(tl.float32)
+    weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
+                          mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    return idx, row_ok, val, weight_tile
+
+
+@triton.jit
+def _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target, batch_offsets,
+                  batch_mask, offset_d, d_mask, F: tl.constexpr, D: tl.constexpr,
+                  K: tl.constexpr, UNIFORM_COEF: tl.constexpr, LOOP_NUM_STAGES: tl.constexpr):
+    """Adds the K steps to recon [BB, BD]; returns it and the [BB] weighted row losses."""
+    loss_accum = tl.zeros(recon.shape, dtype=tl.float32)
+    coef = tl.load(coef_ptr)
+    for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
+        _, _, val, weight_tile = _load_step(indices_ptr, vals_ptr, weight_ptr, batch_offsets,
+                                            batch_mask, offset_d, d_mask, t, F, D, K)
+        if not UNIFORM_COEF:
+            coef = tl.load(coef_ptr + t)
+        recon += weight_tile * val[:, None]
+        diff = recon - target  # padded lanes hold 0 - 0
+        loss_accum += diff * diff * coef
+    return recon, tl.sum(loss_accum, axis=1)
+
+
+@triton.jit
+def _backward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
+                   batch_offsets, batch_mask, offset_d, d_mask, F: tl.constexpr,
+                   D: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
+                   UNIFORM_COEF: tl.constexpr, LOOP_NUM_STAGES: tl.constexpr):
+    """Walks k = K-1..0 from the full reconstruction recon [BB, BD]: scatters dweight,
+    returns the residual-gradient sum [BB, BD] and dvals [BB, K_POW2]."""
+    k_offsets = tl.arange(0, K_POW2)
+    suffix = tl.zeros(recon.shape, dtype=tl.float32)
+    val_grad_tile = tl.zeros([recon.shape[0], K_POW2], dtype=tl.float32)
+    coef = tl.load(coef_ptr)
+    for i in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
+        step = K - 1 - i
+        idx, row_ok, val, weight_tile = _load_step(indices_ptr, vals_ptr, weight_ptr,
+                                                   batch_offsets, batch_mask, offset_d, d_mask,
+                                                   step, F, D, K)
+        if not UNIFORM_COEF:
+            coef = tl.load(coef_ptr + step)
+        suffix += (recon - target) * (2.0 * coef)
+        tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
+                      suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
+                      sem="relaxed")
+        val_grad_tile = tl.where(k_offsets[None, :] == step,
+                                 tl.sum(weight_tile * suffix, axis=1)[:, None], val_grad_tile)
+        recon -= weight_tile * val[:, None]
+    return suffix, val_grad_tile
 
 
 @triton.jit
@@ -42,61 +119,20 @@ def hierarchical_sae_forward_kernel(
     K: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNIFORM_COEF: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
 ):
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, f"{BLOCK_D=} must be a power of 2")
     tl.static_assert((BLOCK_B & (BLOCK_B - 1)) == 0, f"{BLOCK_B=} must be a power of 2")
-
-    pid_b = tl.program_id(axis=0).to(tl.int64)
-    pid_d = tl.program_id(axis=1).to(tl.int64)
-
-    batch_offsets = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    batch_mask = batch_offsets < B
-    offset_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offset_d < D
-    tl.max_contiguous(tl.multiple_of(offset_d, BLOCK_D), BLOCK_D)
-
-    batch_d_offset = batch_offsets[:, None] * D + offset_d[None, :]
-    tile_mask = batch_mask[:, None] & d_mask[None, :]
-
+    batch_offsets, batch_mask, offset_d, d_mask, batch_d_offset, tile_mask = _tile(
+        B, D, BLOCK_B, BLOCK_D)
     bias_tile = tl.load(bias_ptr + offset_d, mask=d_mask, other=0.0).to(tl.float32)
-    recon = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    recon += bias_tile[None, :]
+    recon = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + bias_tile[None, :]
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
-
-    loss_accum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-
-    row_idx_ptr = indices_ptr + batch_offsets * K
-    row_val_ptr = vals_ptr + batch_offsets * K
-
-    idx = tl.load(row_idx_ptr, mask=batch_mask, other=0).to(tl.int64)
-    row_ok = batch_mask & (idx >= 0) & (idx < F)
-    val = tl.load(row_val_ptr, mask=batch_mask, other=0.0).to(tl.float32)
-    weight_tile = tl.load(
-        weight_ptr + idx[:, None] * D + offset_d[None, :],
-        mask=row_ok[:, None] & d_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    coef = tl.load(coef_ptr)
-
-    for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        recon += weight_tile * val[:, None]
-        diff = recon - target  # padded D lanes hold 0 - 0
-        loss_accum += diff * diff * coef
-
-        if t + 1 < K:  # prefetch step t + 1, coefficient included, off the critical path
-            idx = tl.load(row_idx_ptr + (t + 1), mask=batch_mask, other=0).to(tl.int64)
-            row_ok = batch_mask & (idx >= 0) & (idx < F)
-            val = tl.load(row_val_ptr + (t + 1), mask=batch_mask, other=0.0).to(tl.float32)
-            weight_tile = tl.load(
-                weight_ptr + idx[:, None] * D + offset_d[None, :],
-                mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            coef = tl.load(coef_ptr + (t + 1))
-
-    tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,
-                  sem="relaxed")
+    recon, loss_rows = _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target,
+                                     batch_offsets, batch_mask, offset_d, d_mask, F, D, K,
+                                     UNIFORM_COEF, LOOP_NUM_STAGES)
+    tl.atomic_add(loss_ptr + batch_offsets, loss_rows, mask=batch_mask, sem="relaxed")
     tl.store(final_recon_ptr + batch_d_offset, recon, mask=tile_mask)
 
 
@@ -118,95 +154,33 @@ def hierarchical_sae_backward_kernel(
     K_POW2: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNIFORM_COEF: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
 ):
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, f"{BLOCK_D=} must be a power of 2")
     tl.static_assert((BLOCK_B & (BLOCK_B - 1)) == 0, f"{BLOCK_B=} must be a power of 2")
-
-    pid_b = tl.program_id(axis=0).to(tl.int64)
-    pid_d = tl.program_id(axis=1).to(tl.int64)
-
-    batch_offsets = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    batch_mask = batch_offsets < B
-    offset_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offset_d < D
-    tl.max_contiguous(tl.multiple_of(offset_d, BLOCK_D), BLOCK_D)
-
-    batch_d_offset = batch_offsets[:, None] * D + offset_d[None, :]
-    tile_mask = batch_mask[:, None] & d_mask[None, :]
-
+    batch_offsets, batch_mask, offset_d, d_mask, batch_d_offset, tile_mask = _tile(
+        B, D, BLOCK_B, BLOCK_D)
     recon = tl.load(final_recon_ptr + batch_d_offset, mask=tile_mask, other=0.0)
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
-
-    suffix = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-
-    row_idx_ptr = indices_ptr + batch_offsets * K
-    row_val_ptr = vals_ptr + batch_offsets * K
-    k_offsets = tl.arange(0, K_POW2)
-    val_grad_tile = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
-
-    step = K - 1
-    idx = tl.load(row_idx_ptr + step, mask=batch_mask, other=0).to(tl.int64)
-    row_ok = batch_mask & (idx >= 0) & (idx < F)
-    val = tl.load(row_val_ptr + step, mask=batch_mask, other=0.0).to(tl.float32)
-    weight_tile = tl.load(
-        weight_ptr + idx[:, None] * D + offset_d[None, :],
-        mask=row_ok[:, None] & d_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    coef2 = 2.0 * tl.load(coef_ptr + step)
-
-    for _ in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        curr_step = step
-
-        diff = recon - target
-        suffix += diff * coef2
-
-        val_broadcast = val[:, None]
-        tl.atomic_add(
-            weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
-            suffix * val_broadcast,
-            mask=row_ok[:, None] & d_mask[None, :],
-            sem="relaxed",
-        )
-
-        dot_partial = tl.sum(weight_tile * suffix, axis=1)
-        val_grad_tile = tl.where(k_offsets[None, :] == curr_step, dot_partial[:, None],
-                                 val_grad_tile)
-
-        recon -= weight_tile * val_broadcast
-
-        if curr_step > 0:
-            step = curr_step - 1
-            idx = tl.load(row_idx_ptr + step, mask=batch_mask, other=0).to(tl.int64)
-            row_ok = batch_mask & (idx >= 0) & (idx < F)
-            val = tl.load(row_val_ptr + step, mask=batch_mask, other=0.0).to(tl.float32)
-            weight_tile = tl.load(
-                weight_ptr + idx[:, None] * D + offset_d[None, :],
-                mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            coef2 = 2.0 * tl.load(coef_ptr + step)
-
-    tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
-    tl.atomic_add(
-        vals_grad_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
-        val_grad_tile,
-        mask=batch_mask[:, None] & (k_offsets[None, :] < K),
-        sem="relaxed",
-    )
+    suffix, val_grad_tile = _backward_walk(
+        indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
+        batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF,
+        LOOP_NUM_STAGES)
+    _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
+                     batch_mask, batch_d_offset, tile_mask, K, K_POW2)
 
 
 @triton.jit
-def _load_step(indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
-               offset_d, d_mask, t, F: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
-    """Step t of a walk: indices [BB], selects-a-row [BB], vals [BB], rows [BB, BD], coef."""
-    idx = tl.load(indices_ptr + batch_offsets * K + t, mask=batch_mask, other=0).to(tl.int64)
-    row_ok = batch_mask & (idx >= 0) & (idx < F)
-    val = tl.load(vals_ptr + batch_offsets * K + t, mask=batch_mask, other=0.0).to(tl.float32)
-    weight_tile = tl.load(weight_ptr + idx[:, None] * D + offset_d[None, :],
-                          mask=row_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    return idx, row_ok, val, weight_tile, tl.load(coef_ptr + t)
+def _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
+                     batch_mask, batch_d_offset, tile_mask, K: tl.constexpr,
+                     K_POW2: tl.constexpr):
+    """Writes this tile's residual-gradient sum and adds its share of dvals (over D tiles)."""
+    k_offsets = tl.arange(0, K_POW2)
+    tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
+    tl.atomic_add(vals_grad_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
+                  val_grad_tile, mask=batch_mask[:, None] & (k_offsets[None, :] < K),
+                  sem="relaxed")
 
 
 @triton.jit
@@ -228,66 +202,28 @@ def hierarchical_sae_fused_kernel(
     K_POW2: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNIFORM_COEF: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
 ):
     """The forward walk and the backward walk of one (row block, D tile) in one program.
 
-    The backward walk starts from registers (the last step's rows, the full
-    reconstruction) and re-reads the rows the forward walk gathered; rows of frequent
-    latents come from L2, the rest from memory (see benchmarks/NOTES.md for what that
-    costs). No [B, D] reconstruction is written or read back, and there is one launch.
+    The backward walk starts from registers (the full reconstruction) and re-reads the
+    rows the forward walk gathered, most recent first: rows of frequent latents and the
+    last steps' rows come from L2, the rest from memory (see benchmarks/NOTES.md for what
+    that costs). No [B, D] reconstruction is written or read back, and there is one launch.
     """
-    pid_b = tl.program_id(axis=0).to(tl.int64)
-    pid_d = tl.program_id(axis=1).to(tl.int64)
-
-    batch_offsets = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    batch_mask = batch_offsets < B
-    offset_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offset_d < D
-    tl.max_contiguous(tl.multiple_of(offset_d, BLOCK_D), BLOCK_D)
-    batch_d_offset = batch_offsets[:, None] * D + offset_d[None, :]
-    tile_mask = batch_mask[:, None] & d_mask[None, :]
-
+    batch_offsets, batch_mask, offset_d, d_mask, batch_d_offset, tile_mask = _tile(
+        B, D, BLOCK_B, BLOCK_D)
     bias_tile = tl.load(bias_ptr + offset_d, mask=d_mask, other=0.0).to(tl.float32)
     recon = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + bias_tile[None, :]
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
-    loss_accum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-
-    idx, row_ok, val, weight_tile, coef = _load_step(
-        indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask, offset_d,
-        d_mask, 0, F, D, K)
-    for t in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        recon += weight_tile * val[:, None]
-        diff = recon - target
-        loss_accum += diff * diff * coef
-        if t + 1 < K:  # prefetch step t + 1 off the critical path
-            idx, row_ok, val, weight_tile, coef = _load_step(
-                indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
-                offset_d, d_mask, t + 1, F, D, K)
-
-    # recon is now the full reconstruction and the registers hold step K - 1: walk back.
-    k_offsets = tl.arange(0, K_POW2)
-    suffix = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    val_grad_tile = tl.zeros([BLOCK_B, K_POW2], dtype=tl.float32)
-    step = K - 1
-    for _ in tl.range(0, K, num_stages=LOOP_NUM_STAGES):
-        curr_step = step
-        suffix += (recon - target) * (2.0 * coef)
-        tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
-                      suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
-                      sem="relaxed")
-        val_grad_tile = tl.where(k_offsets[None, :] == curr_step,
-                                 tl.sum(weight_tile * suffix, axis=1)[:, None], val_grad_tile)
-        recon -= weight_tile * val[:, None]
-        if curr_step > 0:  # prefetch the step before (from L2: the forward walk read it)
-            step = curr_step - 1
-            idx, row_ok, val, weight_tile, coef = _load_step(
-                indices_ptr, vals_ptr, weight_ptr, coef_ptr, batch_offsets, batch_mask,
-                offset_d, d_mask, step, F, D, K)
-
-    tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
-    tl.atomic_add(loss_ptr + batch_offsets, tl.sum(loss_accum, axis=1), mask=batch_mask,
-                  sem="relaxed")
-    tl.atomic_add(vals_grad_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
-                  val_grad_tile, mask=batch_mask[:, None] & (k_offsets[None, :] < K),
-                  sem="relaxed")
+    recon, loss_rows = _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target,
+                                     batch_offsets, batch_mask, offset_d, d_mask, F, D, K,
+                                     UNIFORM_COEF, LOOP_NUM_STAGES)
+    suffix, val_grad_tile = _backward_walk(
+        indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
+        batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF,
+        LOOP_NUM_STAGES)
+    tl.atomic_add(loss_ptr + batch_offsets, loss_rows, mask=batch_mask, sem="relaxed")
+    _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
+                     batch_mask, batch_d_offset, tile_mask, K, K_POW2)

@@ -30,10 +30,13 @@ class TritonLoss:
     """Kernel-backed implementation, in the form :mod:`hsae_jax.loss.api` calls.
 
     backend: ``"triton"`` or ``"interpret"``.
+    uniform_coef: the caller promises every coefficient ``coef_k`` is the same (the
+      default prefix weights); the kernels then read one instead of one per step.
     """
 
     backend: str
     config: TritonLossConfig = TritonLossConfig()
+    uniform_coef: bool = False
 
     def _launch(self, module, kernel_name, args, out_shape, grid, zeroed, cfg, **constexprs):
         kernel = getattr(kernel_module(module, self.backend), kernel_name)
@@ -47,7 +50,7 @@ class TritonLoss:
             _SEED, kernel_name, args, out_shape,
             (_shapes.cdiv(b, cfg.block_b), _shapes.cdiv(d, cfg.block_d)), zeroed, cfg,
             B=b, F=f, D=d, K=k, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
-            LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
+            UNIFORM_COEF=self.uniform_coef, LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
 
     def _seed_forward(self, indices, weight, vals, bias, target, coef):
         b, k = indices.shape
