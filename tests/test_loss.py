@@ -1,7 +1,8 @@
 """hierarchical_sae_loss: value and every gradient equal the float64 oracle, on every backend.
 
 One test body per property, parameterised by backend: reference, xla (two chunkings),
-and the Triton kernels (both variants) compiled on a GPU or interpreted on the CPU.
+and the Triton kernels (fused, two-pass, and the fused kernel's deterministic mode)
+compiled on a GPU or interpreted on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hsae_jax import TritonLossConfig, XlaLossConfig
 
 FUSED = TritonLossConfig(variant="fused")
 TWO_PASS = TritonLossConfig(variant="two_pass")
+DETERMINISTIC = TritonLossConfig(deterministic=True)
 
 
 BACKENDS = [
@@ -35,8 +37,11 @@ BACKENDS = [
     pytest.param("xla", XlaLossConfig(chunk=3), id="xla-chunk3"),
     pytest.param("interpret", FUSED, marks=requires_interpreter, id="interpret-fused"),
     pytest.param("interpret", TWO_PASS, marks=requires_interpreter, id="interpret-two_pass"),
+    pytest.param("interpret", DETERMINISTIC, marks=requires_interpreter,
+                 id="interpret-deterministic"),
     pytest.param("triton", FUSED, marks=requires_gpu, id="triton-fused"),
     pytest.param("triton", TWO_PASS, marks=requires_gpu, id="triton-two_pass"),
+    pytest.param("triton", DETERMINISTIC, marks=requires_gpu, id="triton-deterministic"),
 ]
 
 SHAPES = [  # (B, K, F, D)
@@ -234,3 +239,34 @@ def test_prefix_weight_gradient_costs_nothing_unless_used(backend, config, rng_s
         return len(re.findall(r"custom-call\(", hlo.as_text()))
 
     assert kernel_calls((0, 1)) == kernel_calls((0,)) + 1
+
+
+KERNEL_CASES = [
+    pytest.param("interpret", marks=requires_interpreter, id="interpret"),
+    pytest.param("triton", marks=requires_gpu, id="triton"),
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_CASES)
+def test_deterministic_mode_is_bitwise_reproducible(backend, rng_seed):
+    """Hot latents (every row picks latent 0 first, half of them latent 1 last) collide in
+    the weight gradient; with deterministic=True the loss and every gradient are the same
+    bits on every run, and equal the atomic fused kernel's to rounding."""
+    b, k, f, d = 96, 8, 40, 72
+    indices, weight, vals, bias, target = make_inputs(rng_seed, b, k, f, d)
+    indices = indices.at[:, 0].set(0).at[::2, k - 1].set(1)
+    pw = jnp.asarray(np.random.default_rng(rng_seed).uniform(0.1, 1.0, k), jnp.float32)
+    inputs = (indices, weight, vals, bias, target)
+    runs = [loss_and_grads(backend, DETERMINISTIC, inputs, pw) for _ in range(3)]
+    for value, grads in runs[1:]:
+        np.testing.assert_array_equal(value, runs[0][0])
+        for name in GRAD_NAMES:
+            np.testing.assert_array_equal(grads[name], runs[0][1][name], err_msg=name)
+    check_against_oracle(*runs[0], inputs, pw)
+    atomic = loss_and_grads(backend, FUSED, inputs, pw)
+    chex.assert_trees_all_close(runs[0], atomic, rtol=1e-5, atol=1e-7)
+
+
+def test_deterministic_mode_needs_the_fused_kernel():
+    with pytest.raises(ValueError, match="deterministic=True.*two_pass"):
+        TritonLossConfig(variant="two_pass", deterministic=True).validate()

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_inputs, relative_error, requires_gpu
-from test_loss import FUSED, TWO_PASS, check_against_oracle, loss_and_grads
+from test_loss import DETERMINISTIC, FUSED, TWO_PASS, check_against_oracle, loss_and_grads
 
 pytestmark = requires_gpu
 
-VARIANTS = [pytest.param(FUSED, id="fused"), pytest.param(TWO_PASS, id="two_pass")]
+VARIANTS = [pytest.param(FUSED, id="fused"), pytest.param(TWO_PASS, id="two_pass"),
+            pytest.param(DETERMINISTIC, id="deterministic")]
 
 
 @pytest.mark.parametrize("config", VARIANTS)

@@ -8,7 +8,8 @@ target, at the measured copy bandwidth), the temporary memory, and the relative 
 of the loss and weight gradient against the jnp reference where it ran.
 
 Implementations: ``triton`` (hsae-jax's fused one-pass kernel), ``triton-two_pass``
-(the seed's kernels through jax-triton), ``xla``, ``reference`` and, with
+(the seed's kernels through jax-triton), ``triton-deterministic`` (the fused kernel
+without float atomics: bitwise reproducible), ``xla``, ``reference`` and, with
 ``seed_module``, ``seed-torch`` (the seed's own torch + Triton kernel, same data).
 """
 
@@ -26,7 +27,7 @@ from hsae_jax import backends
 from hsae_jax.bench import common
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 
-IMPLS = ("reference", "triton", "triton-two_pass", "xla", "seed-torch")
+IMPLS = ("reference", "triton", "triton-two_pass", "triton-deterministic", "xla", "seed-torch")
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ def _jax_impl(name: str) -> Callable:
     backend, config = {
         "triton": ("triton", TritonLossConfig(variant="auto")),
         "triton-two_pass": ("triton", TritonLossConfig(variant="two_pass")),
+        "triton-deterministic": ("triton", TritonLossConfig(deterministic=True)),
         "xla": ("xla", None),
         "reference": ("reference", None),
     }[name]

@@ -26,12 +26,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hsae_jax import _shapes, backends
+from hsae_jax import backends
 from hsae_jax.loss.common import chunk_latents, safe_indices, weighted_row_sum
+from hsae_jax.segments import SegmentSumConfig, segment_row_sums
 from hsae_jax.topk import TopKConfig, top_k
-from hsae_jax.triton_launch import kernel_module, launch
-
-_KERNELS = "hsae_jax.encoder.kernels"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +47,13 @@ class SparseEncoderConfig:
     num_stages: int = 2
     xla_chunk: int = 4
 
+    def segment_sum(self) -> SegmentSumConfig:
+        return SegmentSumConfig(self.block_pairs, self.block_d, self.num_warps, self.num_stages)
+
     def validate(self) -> None:
-        for name in ("block_pairs", "block_d"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"SparseEncoderConfig.{name}={value} must be a power of two")
-        for name in ("num_warps", "num_stages", "xla_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SparseEncoderConfig.{name}={getattr(self, name)} must be >= 1")
+        self.segment_sum().validate("SparseEncoderConfig")
+        if self.xla_chunk < 1:
+            raise ValueError(f"SparseEncoderConfig.xla_chunk={self.xla_chunk} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +74,9 @@ class _Encoder:
         """dW_enc [F, D] float32 from dpre [B, K] float32 and xc [B, D]."""
         if self.backend == "xla":
             return _weight_grad_xla(indices, dpre, xc, f, self.config.xla_chunk)
-        b, k = indices.shape
-        d = xc.shape[1]
-        cfg = self.config
-        flat = indices.reshape(-1)
-        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-        counts = jnp.bincount(flat, length=f)
-        starts = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                  jnp.cumsum(counts).astype(jnp.int32)])
-        kernel = kernel_module(_KERNELS, self.backend).encoder_weight_grad_kernel
-        (dweight,) = launch(
-            kernel, order, starts, dpre.reshape(-1), xc,
-            out_shape=[jax.ShapeDtypeStruct((f, d), jnp.float32)],
-            grid=(f, _shapes.cdiv(d, cfg.block_d)), backend=self.backend,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, D=d, K=k,
-            BLOCK_PAIRS=cfg.block_pairs, BLOCK_D=cfg.block_d)
-        return dweight
+        return segment_row_sums(
+            indices.reshape(-1), dpre.reshape(-1), xc, f, pairs_per_row=indices.shape[1],
+            backend=self.backend, config=self.config.segment_sum())
 
 
 def _weight_grad_xla(indices, dpre, xc, f, chunk):

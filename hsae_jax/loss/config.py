@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 from hsae_jax import _shapes
+from hsae_jax.segments import SegmentSumConfig
 
 Variant = Literal["auto", "fused", "two_pass"]
 VARIANTS = ("auto", "fused", "two_pass")
@@ -121,13 +122,19 @@ class TritonLossConfig:
     variant: ``"fused"`` (forward and backward walks in one kernel: one gather from
       memory, one scatter; the default), ``"two_pass"`` (the seed's forward kernel, then
       its backward kernel), or ``"auto"`` (fused).
+    deterministic: loss and gradients bitwise the same on every run (no float atomics):
+      the fused kernel stores each (row, latent) pair's gradient share, a chunk of rows
+      at a time (at most F * D floats), and ``segment_row_sums`` adds them per latent in
+      a fixed order. Slower (benchmarks/NOTES.md); needs the fused variant.
     """
 
     variant: Variant = "auto"
+    deterministic: bool = False
     fused: FusedConfig = FusedConfig()
     seed_forward: SeedForwardConfig = SeedForwardConfig()
     seed_backward: SeedBackwardConfig = SeedBackwardConfig()
     prefix_sse: PrefixSseConfig = PrefixSseConfig()
+    segment_sum: SegmentSumConfig = SegmentSumConfig()
 
     def resolve_variant(self) -> str:
         return "fused" if self.variant == "auto" else self.variant
@@ -136,6 +143,10 @@ class TritonLossConfig:
         """Raises ValueError for a setting no kernel accepts (before anything runs)."""
         if self.variant not in VARIANTS:
             raise ValueError(f"TritonLossConfig.variant={self.variant!r} must be one of {VARIANTS}")
+        if self.deterministic and self.variant == "two_pass":
+            raise ValueError("TritonLossConfig.deterministic=True runs the fused kernel; "
+                             "variant='two_pass' adds gradients with float atomics")
+        self.segment_sum.validate("TritonLossConfig.segment_sum")
         for owner, cfg in (("FusedConfig", self.fused), ("SeedForwardConfig", self.seed_forward),
                            ("SeedBackwardConfig", self.seed_backward),
                            ("PrefixSseConfig", self.prefix_sse)):

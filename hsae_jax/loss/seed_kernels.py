@@ -24,7 +24,10 @@ Changes from the seed (``../shared/seed/hierarchical_kernels.py``):
   (cp.async into shared memory) instead of one step ahead from registers: a walk is
   bound by the latency of its dependent loads (index, then row), not by bandwidth;
 - ``hierarchical_sae_fused_kernel`` runs the forward walk and the backward walk in one
-  program, back to back.
+  program, back to back;
+- ``DETERMINISTIC`` (forward and fused kernels): no float atomics. Each D tile stores its
+  share of the row losses and of dvals, and each (row, latent) pair its suffix sum, for the
+  caller to add up in a fixed order (hsae_jax/loss/triton_loss.py).
 """
 
 import triton
@@ -79,9 +82,13 @@ def _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target, ba
 def _backward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
                    batch_offsets, batch_mask, offset_d, d_mask, F: tl.constexpr,
                    D: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr,
-                   UNIFORM_COEF: tl.constexpr, LOOP_NUM_STAGES: tl.constexpr):
-    """Walks k = K-1..0 from the full reconstruction recon [BB, BD]: scatters dweight,
-    returns the residual-gradient sum [BB, BD] and dvals [BB, K_POW2]."""
+                   UNIFORM_COEF: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                   LOOP_NUM_STAGES: tl.constexpr):
+    """Walks k = K-1..0 from the full reconstruction recon [BB, BD]: adds each pair's
+    dweight share vals * suffix into weight_grad_ptr [F, D] (float atomics), or with
+    DETERMINISTIC stores the pair's suffix into row b * K + k of weight_grad_ptr
+    [B * K, D] (the caller sums them per latent in a fixed order); returns the
+    residual-gradient sum [BB, BD] and dvals [BB, K_POW2]."""
     k_offsets = tl.arange(0, K_POW2)
     suffix = tl.zeros(recon.shape, dtype=tl.float32)
     val_grad_tile = tl.zeros([recon.shape[0], K_POW2], dtype=tl.float32)
@@ -94,9 +101,13 @@ def _backward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr,
         if not UNIFORM_COEF:
             coef = tl.load(coef_ptr + step)
         suffix += (recon - target) * (2.0 * coef)
-        tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
-                      suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
-                      sem="relaxed")
+        if DETERMINISTIC:
+            tl.store(weight_grad_ptr + (batch_offsets * K + step)[:, None] * D
+                     + offset_d[None, :], suffix, mask=batch_mask[:, None] & d_mask[None, :])
+        else:
+            tl.atomic_add(weight_grad_ptr + idx[:, None] * D + offset_d[None, :],
+                          suffix * val[:, None], mask=row_ok[:, None] & d_mask[None, :],
+                          sem="relaxed")
         val_grad_tile = tl.where(k_offsets[None, :] == step,
                                  tl.sum(weight_tile * suffix, axis=1)[:, None], val_grad_tile)
         recon -= weight_tile * val[:, None]
@@ -111,7 +122,8 @@ def hierarchical_sae_forward_kernel(
     vals_ptr,  # [B, K]
     target_ptr,  # [B, D]
     coef_ptr,  # [K] float32: d loss / d (squared error of one element of prefix k)
-    loss_ptr,  # [B] float32, zeroed: sum_k coef_k * ||r_k||^2 of each row
+    loss_ptr,  # [B] float32, zeroed: sum_k coef_k * ||r_k||^2 of each row (DETERMINISTIC:
+    #            [D tiles, B], each tile's share, every element written)
     final_recon_ptr,  # [B, D] float32
     B: tl.constexpr,
     F: tl.constexpr,
@@ -120,6 +132,7 @@ def hierarchical_sae_forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UNIFORM_COEF: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
 ):
     tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, f"{BLOCK_D=} must be a power of 2")
@@ -132,7 +145,7 @@ def hierarchical_sae_forward_kernel(
     recon, loss_rows = _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target,
                                      batch_offsets, batch_mask, offset_d, d_mask, F, D, K,
                                      UNIFORM_COEF, LOOP_NUM_STAGES)
-    tl.atomic_add(loss_ptr + batch_offsets, loss_rows, mask=batch_mask, sem="relaxed")
+    _add_over_d_tiles(loss_ptr, loss_rows, batch_offsets, batch_mask, B, DETERMINISTIC)
     tl.store(final_recon_ptr + batch_d_offset, recon, mask=tile_mask)
 
 
@@ -165,22 +178,33 @@ def hierarchical_sae_backward_kernel(
     target = tl.load(target_ptr + batch_d_offset, mask=tile_mask, other=0.0).to(tl.float32)
     suffix, val_grad_tile = _backward_walk(
         indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
-        batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF,
+        batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF, False,
         LOOP_NUM_STAGES)
     _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
-                     batch_mask, batch_d_offset, tile_mask, K, K_POW2)
+                     batch_mask, batch_d_offset, tile_mask, B, K, K_POW2, False)
+
+
+@triton.jit
+def _add_over_d_tiles(ptr, values, offsets, mask, tile_stride, DETERMINISTIC: tl.constexpr):
+    """Adds this D tile's share into ptr[offsets] (float atomics), or with DETERMINISTIC
+    stores it at ptr[d_tile * tile_stride + offsets] for the caller to sum in order."""
+    if DETERMINISTIC:
+        tl.store(ptr + tl.program_id(axis=1).to(tl.int64) * tile_stride + offsets, values,
+                 mask=mask)
+    else:
+        tl.atomic_add(ptr + offsets, values, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
-                     batch_mask, batch_d_offset, tile_mask, K: tl.constexpr,
-                     K_POW2: tl.constexpr):
-    """Writes this tile's residual-gradient sum and adds its share of dvals (over D tiles)."""
+                     batch_mask, batch_d_offset, tile_mask, B: tl.constexpr, K: tl.constexpr,
+                     K_POW2: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Writes this tile's residual-gradient sum and its share of dvals (over D tiles)."""
     k_offsets = tl.arange(0, K_POW2)
     tl.store(resid_sum_ptr + batch_d_offset, suffix, mask=tile_mask)
-    tl.atomic_add(vals_grad_ptr + batch_offsets[:, None] * K + k_offsets[None, :],
-                  val_grad_tile, mask=batch_mask[:, None] & (k_offsets[None, :] < K),
-                  sem="relaxed")
+    _add_over_d_tiles(vals_grad_ptr, val_grad_tile,
+                      batch_offsets[:, None] * K + k_offsets[None, :],
+                      batch_mask[:, None] & (k_offsets[None, :] < K), B * K, DETERMINISTIC)
 
 
 @triton.jit
@@ -195,6 +219,8 @@ def hierarchical_sae_fused_kernel(
     weight_grad_ptr,  # [F, D] float32, zeroed
     vals_grad_ptr,  # [B, K] float32, zeroed
     resid_sum_ptr,  # [B, D] float32: sum_k 2 * coef_k * r_k
+    # DETERMINISTIC (no float atomics): loss [D tiles, B] and dvals [D tiles, B, K] hold each
+    # D tile's share, weight_grad [B * K, D] each pair's suffix sum; every element written.
     B: tl.constexpr,
     F: tl.constexpr,
     D: tl.constexpr,
@@ -203,6 +229,7 @@ def hierarchical_sae_fused_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UNIFORM_COEF: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     LOOP_NUM_STAGES: tl.constexpr,
 ):
     """The forward walk and the backward walk of one (row block, D tile) in one program.
@@ -223,7 +250,7 @@ def hierarchical_sae_fused_kernel(
     suffix, val_grad_tile = _backward_walk(
         indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
         batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF,
-        LOOP_NUM_STAGES)
-    tl.atomic_add(loss_ptr + batch_offsets, loss_rows, mask=batch_mask, sem="relaxed")
+        DETERMINISTIC, LOOP_NUM_STAGES)
+    _add_over_d_tiles(loss_ptr, loss_rows, batch_offsets, batch_mask, B, DETERMINISTIC)
     _store_gradients(suffix, val_grad_tile, resid_sum_ptr, vals_grad_ptr, batch_offsets,
-                     batch_mask, batch_d_offset, tile_mask, K, K_POW2)
+                     batch_mask, batch_d_offset, tile_mask, B, K, K_POW2, DETERMINISTIC)

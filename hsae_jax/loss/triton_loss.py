@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from hsae_jax import _shapes
 from hsae_jax.loss.config import PREFIX_SSE_MAX_K_POW2, TritonLossConfig
 from hsae_jax.loss.xla import XlaLoss
+from hsae_jax.segments import segment_row_sums
 from hsae_jax.triton_launch import kernel_module, launch
 
 _SEED = "hsae_jax.loss.seed_kernels"
@@ -53,11 +54,73 @@ class TritonLoss:
             UNIFORM_COEF=self.uniform_coef, LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
 
     def _seed_forward(self, indices, weight, vals, bias, target, coef):
+        """([B] loss per row, [B, D] float32 final reconstruction)."""
         b, k = indices.shape
         f, d = weight.shape
-        return self._walk("hierarchical_sae_forward_kernel",
-                          (indices, weight, bias, vals, target, coef),
-                          [_f32(b), _f32(b, d)], (0,), self.config.seed_forward, b, f, k, d)
+        cfg = self.config.seed_forward
+        if not self.config.deterministic:
+            return self._walk("hierarchical_sae_forward_kernel",
+                              (indices, weight, bias, vals, target, coef),
+                              [_f32(b), _f32(b, d)], (0,), cfg, b, f, k, d, DETERMINISTIC=False)
+        loss_parts, final_recon = self._walk(
+            "hierarchical_sae_forward_kernel", (indices, weight, bias, vals, target, coef),
+            [_f32(_shapes.cdiv(d, cfg.block_d), b), _f32(b, d)], (), cfg, b, f, k, d,
+            DETERMINISTIC=True)
+        return jnp.sum(loss_parts, axis=0), final_recon
+
+    def _fused(self, indices, weight, vals, bias, target, coef):
+        """([B] loss per row, (dweight [F, D], dvals [B, K], resid_sum [B, D])), float32."""
+        b, k = indices.shape
+        f, d = weight.shape
+        cfg = self.config.fused.resolve(b, d)
+        loss_rows, dweight, dvals, resid_sum = self._walk(
+            "hierarchical_sae_fused_kernel", (indices, weight, bias, vals, target, coef),
+            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d,
+            K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=False)
+        return loss_rows, (dweight, dvals, resid_sum)
+
+    def _fused_deterministic(self, indices, weight, vals, bias, target, coef):
+        """:meth:`_fused` without float atomics, bitwise reproducible.
+
+        A scan over chunks of R rows (R * K <= max(F, BLOCK_B * K): the pair buffer is
+        at most the size of dweight): the fused kernel stores every D tile's share of the
+        row losses and dvals and every pair's suffix sum [R * K, D]; XLA sums the shares,
+        ``segment_row_sums`` sums vals * suffix per latent in pair order, and the chunks
+        add into dweight one after another. B is padded to a multiple of R with rows
+        whose indices select nothing; their outputs are dropped.
+        """
+        b, k = indices.shape
+        f, d = weight.shape
+        cfg = self.config.fused.resolve(b, d)
+        rows = max(cfg.block_b, (f // k) // cfg.block_b * cfg.block_b)
+        rows = min(rows, _shapes.cdiv(b, cfg.block_b) * cfg.block_b)
+        chunks = _shapes.cdiv(b, rows)
+        pad = chunks * rows - b
+
+        def split(x, fill):
+            x = jnp.pad(x, ((0, pad), (0, 0)), constant_values=fill)
+            return x.reshape(chunks, rows, x.shape[1])
+
+        d_tiles = _shapes.cdiv(d, cfg.block_d)
+
+        def chunk(dweight, xs):
+            idx_c, vals_c, target_c = xs
+            loss_parts, pair_suffix, dvals_parts, resid_sum = self._walk(
+                "hierarchical_sae_fused_kernel", (idx_c, weight, bias, vals_c, target_c, coef),
+                [_f32(d_tiles, rows), _f32(rows * k, d), _f32(d_tiles, rows, k),
+                 _f32(rows, d)], (), cfg, rows, f, k, d,
+                K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=True)
+            dweight = dweight + segment_row_sums(
+                idx_c.reshape(-1), vals_c.reshape(-1).astype(jnp.float32), pair_suffix, f,
+                pairs_per_row=1, backend=self.backend, config=self.config.segment_sum)
+            return dweight, (jnp.sum(loss_parts, axis=0), jnp.sum(dvals_parts, axis=0),
+                             resid_sum)
+
+        dweight, (loss_rows, dvals, resid_sum) = jax.lax.scan(
+            chunk, jnp.zeros((f, d), jnp.float32),
+            (split(indices, -1), split(vals, 0), split(target, 0)))
+        return loss_rows.reshape(-1)[:b], (dweight, dvals.reshape(-1, k)[:b],
+                                           resid_sum.reshape(-1, d)[:b])
 
     # ------------------------------------------------------------------ the interface
 
@@ -71,18 +134,13 @@ class TritonLoss:
         The fused variant computes the gradients here, in the same kernel, and keeps them
         as the residuals; the two-pass variant keeps the final reconstruction.
         """
-        b, k = indices.shape
-        f, d = weight.shape
         if self.config.resolve_variant() == "two_pass":
             loss_rows, final_recon = self._seed_forward(indices, weight, vals, bias, target,
                                                         coef)
             return loss_rows, (indices, weight, vals, target, final_recon)
-        cfg = self.config.fused.resolve(b, d)
-        loss_rows, dweight, dvals, resid_sum = self._walk(
-            "hierarchical_sae_fused_kernel", (indices, weight, bias, vals, target, coef),
-            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d,
-            K_POW2=_shapes.next_power_of_2(k))
-        return loss_rows, (dweight, dvals, resid_sum)
+        if self.config.deterministic:
+            return self._fused_deterministic(indices, weight, vals, bias, target, coef)
+        return self._fused(indices, weight, vals, bias, target, coef)
 
     def backward(self, residuals, coef, cotangent):
         """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]) float32, times cotangent."""
