@@ -1,8 +1,9 @@
 """Sums of rows over (row, latent) pairs grouped by latent: no atomics, reproducible.
 
 ``segment_row_sums`` sorts the pairs by latent (stably), so each latent owns one run,
-and launches ``encoder_weight_grad_kernel`` (hsae_jax/encoder/kernels.py): one program per
-(latent, D tile) sums its run in a fixed order and writes its tile once. The sparse
+and launches ``encoder_weight_grad_kernel`` or ``segment_sum_add_kernel``
+(hsae_jax/encoder/kernels.py): one program per (latent, D tile) sums its run in a fixed
+order and writes its tile once. The sparse
 encoder backward (dW_enc) and the decoder loss's deterministic mode (dW) both use it.
 """
 
@@ -44,24 +45,31 @@ class SegmentSumConfig:
 
 def segment_row_sums(latents: jax.Array, coefs: jax.Array, rows: jax.Array, f: int, *,
                      pairs_per_row: int, backend: str,
-                     config: SegmentSumConfig = SegmentSumConfig()) -> jax.Array:
-    """[F, D] float32: ``out[l] = sum of coefs[p] * rows[p // pairs_per_row]`` over the
-    pairs p with ``latents[p] == l``, summed in pair order (bitwise reproducible).
+                     config: SegmentSumConfig = SegmentSumConfig(),
+                     base: jax.Array | None = None) -> jax.Array:
+    """[F, D] float32: ``out[l] = base[l] + sum of coefs[p] * rows[p // pairs_per_row]``
+    over the pairs p with ``latents[p] == l``, summed in pair order (bitwise
+    reproducible); no base: zeros.
 
     latents: [P] int32/int64; a latent outside [0, F) belongs to no row of the output.
     coefs: [P] float32. rows: [P // pairs_per_row, D] float32/bfloat16/float16.
-    Every element of the output is written (latents without pairs get zeros).
+    base: optional [F, D] float32, updated in place where XLA can (aliased to the output).
+    Every element of the output is written.
     """
     d = rows.shape[1]
     latents = jnp.where((latents >= 0) & (latents < f), latents, f)  # f: past the end
     order = jnp.argsort(latents, stable=True).astype(jnp.int32)
     counts = jnp.bincount(latents, length=f + 1)[:f]
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
-    kernel = kernel_module(_KERNELS, backend).encoder_weight_grad_kernel
+    kernels = kernel_module(_KERNELS, backend)
+    args = (order, starts, coefs.astype(jnp.float32), rows)
+    if base is None:
+        kernel, aliases = kernels.encoder_weight_grad_kernel, {}
+    else:
+        kernel, aliases, args = kernels.segment_sum_add_kernel, {4: 0}, (*args, base)
     (out,) = launch(
-        kernel, order, starts, coefs.astype(jnp.float32), rows,
-        out_shape=[jax.ShapeDtypeStruct((f, d), jnp.float32)],
-        grid=(f, _shapes.cdiv(d, config.block_d)), backend=backend,
+        kernel, *args, out_shape=[jax.ShapeDtypeStruct((f, d), jnp.float32)],
+        grid=(f, _shapes.cdiv(d, config.block_d)), backend=backend, aliases=aliases,
         num_warps=config.num_warps, num_stages=config.num_stages, D=d, K=pairs_per_row,
         BLOCK_PAIRS=config.block_pairs, BLOCK_D=config.block_d)
     return out

@@ -39,26 +39,31 @@ def launch(
     grid: tuple[int, ...],
     backend: str,
     zeroed_outputs: Sequence[int] = (),
+    aliases: dict[int, int] | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     **constexprs: Any,
 ) -> list[jax.Array]:
-    """Runs ``kernel`` on ``grid`` and returns its outputs (a list, one per out_shape)."""
+    """Runs ``kernel`` on ``grid`` and returns its outputs (a list, one per out_shape).
+
+    aliases: {input position among the array arguments: output index}: that output
+    starts as a copy of that input (in place where XLA can).
+    """
     out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape]
     grid = tuple(int(g) for g in grid)
     if any(g < 1 for g in grid):
         raise ValueError(f"{grid=} must be positive")
     if backend == "triton":
         return _launch_compiled(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                num_warps, num_stages, constexprs)
+                                dict(aliases or {}), num_warps, num_stages, constexprs)
     if backend == "interpret":
         return _launch_interpreted(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                   constexprs)
+                                   dict(aliases or {}), constexprs)
     raise ValueError(f"{backend=} does not launch Triton kernels")
 
 
-def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, num_warps, num_stages,
-                     constexprs):
+def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, aliases, num_warps,
+                     num_stages, constexprs):
     jt = backends.import_jax_triton()
     version = tuple(int(p) for p in jt.__version__.split(".")[:2])
     shape_kw = "out_shape" if version < (0, 4) else "out_type"
@@ -73,6 +78,7 @@ def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, num_warps, n
             num_warps=num_warps,
             num_stages=num_stages,
             zeroed_outputs=zeroed_outputs,
+            input_output_aliases=aliases,
             **{shape_kw: out_shape},
             **constexprs,
         )
@@ -112,7 +118,7 @@ def _torch_dtype(dtype):
     }[np.dtype(dtype)]
 
 
-def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
+def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexprs):
     import torch
 
     array_positions = [i for i, a in enumerate(args) if not isinstance(a, (int, float, bool))]
@@ -123,9 +129,12 @@ def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexpr
         for position, value in zip(array_positions, host_arrays, strict=True):
             call_args[position] = _to_torch(np.asarray(value))
         outputs = []
+        copied = {o: i for i, o in aliases.items()}
         for index, spec in enumerate(out_shape):
             dtype = _torch_dtype(spec.dtype)
-            if index in zeroed_outputs:
+            if index in copied:
+                outputs.append(_to_torch(np.asarray(host_arrays[copied[index]])))
+            elif index in zeroed_outputs:
                 outputs.append(torch.zeros(spec.shape, dtype=dtype))
             elif dtype.is_floating_point:
                 outputs.append(torch.full(spec.shape, float("nan"), dtype=dtype))

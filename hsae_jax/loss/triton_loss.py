@@ -110,9 +110,10 @@ class TritonLoss:
                 [_f32(d_tiles, rows), _f32(rows * k, d), _f32(d_tiles, rows, k),
                  _f32(rows, d)], (), cfg, rows, f, k, d,
                 K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=True)
-            dweight = dweight + segment_row_sums(
+            dweight = segment_row_sums(
                 idx_c.reshape(-1), vals_c.reshape(-1).astype(jnp.float32), pair_suffix, f,
-                pairs_per_row=1, backend=self.backend, config=self.config.segment_sum)
+                pairs_per_row=1, backend=self.backend, config=self.config.segment_sum,
+                base=dweight)
             return dweight, (jnp.sum(loss_parts, axis=0), jnp.sum(dvals_parts, axis=0),
                              resid_sum)
 
