@@ -3,8 +3,8 @@
 ``segment_row_sums`` sorts the pairs by latent (stably), so each latent owns one run,
 and launches ``encoder_weight_grad_kernel`` or ``segment_sum_add_kernel``
 (hsae_jax/encoder/kernels.py): one program per (latent, D tile) sums its run in a fixed
-order and writes its tile once. The sparse
-encoder backward (dW_enc) and the decoder loss's deterministic mode (dW) both use it.
+order and writes its tile once. The sparse encoder backward (dW_enc) and the decoder
+loss's deterministic mode (dW) both use it.
 """
 
 from __future__ import annotations
