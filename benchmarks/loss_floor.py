@@ -1,7 +1,7 @@
 """What the decoder-loss walks cost without their arithmetic: the floor of the fused kernel.
 
 Three kernels with the fused kernel's tiling, grid order and step loads
-(``seed_kernels._tile`` / ``_load_step``), each doing only part of its work:
+(``walk_kernels._tile`` / ``_load_step``), each doing only part of its work:
 - gather: walk k = 0..K-1, load each step's rows, sum ``vals * rows`` (one FMA), store [B, D];
 - scatter: walk K steps, atomically add ``vals * g`` (g a [B, D] tile in registers) to
   dW[indices] (float32, zeroed): the backward walk's scatter alone;
@@ -21,20 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsae_jax import FusedConfig, TritonLossConfig, backends, hierarchical_sae_loss
+from hsae_jax import TritonLossConfig, WalkConfig, backends, hierarchical_sae_loss
 from hsae_jax._shapes import cdiv
 from hsae_jax.bench import common
-from hsae_jax.triton_launch import kernel_module, launch
+from hsae_jax.io_utils import atomic_write_json
+from hsae_jax.triton_launch import launch
 
 
 def make_kernels(backend: str):
     """Defines the floor kernels with Triton in the mode ``backend`` needs."""
     global GATHER, SCATTER, GATHER_SCATTER, tile, load_step
-    triton = backends.import_triton("interpret" if backend == "interpret" else "compiled")
+    triton = backends.import_triton_for(backend)
     import triton.language as tl
 
-    walk = kernel_module("hsae_jax.loss.seed_kernels", backend)
-    tile, load_step = walk._tile, walk._load_step
+    from hsae_jax.loss import walk_kernels
+
+    tile, load_step = walk_kernels._tile, walk_kernels._load_step
 
     @triton.jit
     def gather(indices_ptr, weight_ptr, vals_ptr, out_ptr, B: tl.constexpr, F: tl.constexpr,
@@ -80,7 +82,7 @@ def make_kernels(backend: str):
     GATHER, SCATTER, GATHER_SCATTER = gather, scatter, gather_scatter
 
 
-def floor_calls(backend, cfg: FusedConfig, indices, weight, vals, g):
+def floor_calls(backend, cfg: WalkConfig, indices, weight, vals, g):
     """name -> jitted function of (weight, vals) for each floor kernel."""
     (b, k), (f, d) = indices.shape, weight.shape
     grid = (cdiv(b, cfg.block_b), cdiv(d, cfg.block_d))
@@ -104,10 +106,10 @@ def floor_calls(backend, cfg: FusedConfig, indices, weight, vals, g):
     }
 
 
-def parse_config(text: str) -> FusedConfig:
-    """``BBxBDxWARPSxSTAGES`` -> FusedConfig."""
+def parse_config(text: str) -> WalkConfig:
+    """``BBxBDxWARPSxSTAGES`` -> WalkConfig."""
     bb, bd, warps, stages = (int(x) for x in text.split("x"))
-    return FusedConfig(block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=stages)
+    return WalkConfig(block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=stages)
 
 
 def main() -> None:
@@ -150,7 +152,7 @@ def main() -> None:
         ("dtype", "weights", "s"), ("k", "K", "d"), ("distribution", "indices", "s"),
         ("config", "BBxBDxWxST", "s"), ("kernel", "kernel", "s"),
         ("median_ms", "median ms", ".3f"), ("p90_ms", "p90 ms", ".3f")]))
-    common.write_json(args.out, {"rows": rows, **common.device_info()})
+    atomic_write_json(args.out, {"rows": rows, **common.device_info()})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 from hsae_jax import TritonLossConfig, backends, hierarchical_sae_loss
 from hsae_jax.bench import common
 from hsae_jax.bench.loss import load_seed_module
+from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.triton_launch import launch
 
 # the seed's launch settings (its torch wrappers)
@@ -153,7 +154,7 @@ def main() -> None:
         ("k", "K", "d"), ("distribution", "indices", "s"), ("impl", "implementation", "s"),
         ("median_ms", "median ms", ".3f"), ("p90_ms", "p90 ms", ".3f"),
         ("max_rel_err_vs_fused", "max rel err vs fused", ".1e")]))
-    common.write_json(args.out, {"rows": rows, **common.device_info()})
+    atomic_write_json(args.out, {"rows": rows, **common.device_info()})
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsae_jax import (
-    FusedConfig,
     TritonLossConfig,
+    WalkConfig,
     hierarchical_sae_loss,
     hierarchical_sae_prefix_sse,
 )
 from hsae_jax.bench import common
 from hsae_jax.bench.loss import _seed_torch_runner, load_seed_module
-from hsae_jax.loss import SeedBackwardConfig, SeedForwardConfig
+from hsae_jax.io_utils import atomic_write_json
 
 # (block_b, block_d, num_warps, loop_num_stages) tried for each walk kernel
 FUSED = [(4, 128, 4, 4), (4, 128, 4, 3), (4, 128, 4, 6), (2, 128, 4, 4), (8, 128, 8, 4),
@@ -39,14 +39,15 @@ def candidates(k: int):
     yield "prefix-sse", TritonLossConfig()
     for bb, bd, warps, loop_stages in FORWARD:
         yield "forward-only two_pass", TritonLossConfig(
-            variant="two_pass", seed_forward=SeedForwardConfig(
+            variant="two_pass", forward=WalkConfig(
                 block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
     for bb, bd, warps, loop_stages in BACKWARD:
         yield "two_pass", TritonLossConfig(
-            variant="two_pass", seed_backward=SeedBackwardConfig(
-                block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
+            variant="two_pass", backward=WalkConfig(
+                block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages,
+                num_stages=8))
     for bb, bd, warps, loop_stages in FUSED:
-        yield "fused", TritonLossConfig(variant="fused", fused=FusedConfig(
+        yield "fused", TritonLossConfig(variant="fused", fused=WalkConfig(
             block_b=bb, block_d=bd, num_warps=warps, loop_num_stages=loop_stages))
 
 
@@ -58,7 +59,7 @@ def describe(variant: str, config: TritonLossConfig) -> str:
         return "tile kernel, per-shape defaults"
     if variant == "seed-torch":
         return "seed (torch)"
-    f, b = config.seed_forward, config.seed_backward
+    f, b = config.forward, config.backward
     return (f"fwd BB={f.block_b} BD={f.block_d} w={f.num_warps} loop_st={f.loop_num_stages}; "
             f"bwd BB={b.block_b} BD={b.block_d} w={b.num_warps} loop_st={b.loop_num_stages}")
 
@@ -94,22 +95,22 @@ def main() -> None:
     weight = (jax.random.normal(key, (f, d)) / np.sqrt(d)).astype(args.dtype)
     bias = jnp.zeros((d,), args.dtype) + 0.1
     target = jax.random.normal(jax.random.fold_in(key, 1), (b, d)).astype(args.dtype)
-    seed = load_seed_module(args.seed_module) if args.seed_module else None
+    seed_kernels = load_seed_module(args.seed_module) if args.seed_module else None
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
         for dist in args.distributions.split(","):
             indices = common.sample_indices(jax.random.fold_in(key, k), b, f, k, dist)
             vals = jax.random.uniform(jax.random.fold_in(key, 2), (b, k)).astype(args.dtype)
             cases = list(candidates(k))
-            if seed is not None:
+            if seed_kernels is not None:
                 cases.insert(0, ("seed-torch", None))
             for variant, config in cases:
                 row = dict(k=k, distribution=dist, variant=variant,
                            config=describe(variant, config))
                 try:
                     if variant == "seed-torch":
-                        fn, sync, _, _ = _seed_torch_runner(seed, weight, vals, bias, indices,
-                                                           target)
+                        fn, sync, _, _ = _seed_torch_runner(seed_kernels, weight, vals, bias,
+                                                            indices, target)
                         row.update(common.time_calls(fn, warmup=2, iters=args.iters, sync=sync))
                     else:
                         step = jax.jit(_loss_fn(variant, config, indices, target))
@@ -123,7 +124,7 @@ def main() -> None:
     print(common.markdown_table(rows, [
         ("k", "K", "d"), ("distribution", "indices", "s"), ("variant", "variant", "s"),
         ("config", "config", "s"), ("median_ms", "median ms", ".3f"), ("error", "error", "s")]))
-    common.write_json(args.out, {"dtype": args.dtype, "rows": rows, **common.device_info()})
+    atomic_write_json(args.out, {"dtype": args.dtype, "rows": rows, **common.device_info()})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 
 from hsae_jax import TopKConfig, top_k
 from hsae_jax.bench import common
+from hsae_jax.io_utils import atomic_write_json
 
 
 def candidates():
@@ -97,7 +98,7 @@ def main() -> None:
         ("dtype", "dtype", "s"), ("k", "k", "d"), ("method", "method", "s"),
         ("config", "config", "s"), ("median_ms", "median ms", ".3f"), ("exact", "exact", ""),
         ("error", "error", "s")]))
-    common.write_json(args.out, {"shape": [b, f], "rows": rows, "read_ms": read_ms,
+    atomic_write_json(args.out, {"shape": [b, f], "rows": rows, "read_ms": read_ms,
                                  **common.device_info()})
 
 

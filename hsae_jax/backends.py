@@ -13,7 +13,11 @@ Backends shared by every op of hsae-jax:
 Triton decides once per process, when it is first imported, whether ``@triton.jit``
 compiles or interprets (the ``TRITON_INTERPRET`` environment variable). hsae-jax imports
 Triton lazily: the first of ``"triton"`` / ``"interpret"`` used fixes the mode, and asking
-for the other one afterwards raises an error that says so.
+for the other one afterwards raises an error that says so. Kernel modules are imported
+(plain ``import`` statements) only after :func:`import_triton_for` has fixed the mode.
+
+Every op resolves its ``backend=`` and ``config=`` arguments with :func:`resolve`, under
+one rule (see its docstring).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import functools
 import importlib
 import os
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 
@@ -125,9 +129,53 @@ def triton_available() -> bool:
     return True
 
 
+def import_triton_for(backend: str):
+    """Imports Triton in the mode kernel backend ``backend`` needs; returns the module."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"{backend=} does not launch Triton kernels")
+    return import_triton("interpret" if backend == "interpret" else "compiled")
+
+
 def validate_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def resolve(backend: Backend, config: Any, *, kernel_config: type,
+            xla_config: type | None = None, argument: str = "config") -> tuple[str, Any]:
+    """(concrete backend, its config) for an op's ``backend=`` and ``config=``.
+
+    The one rule every op follows:
+
+    - ``backend`` is one of :data:`BACKENDS`; ``"auto"`` becomes ``"triton"`` where it can
+      run, else ``"xla"``. A backend that cannot run here raises
+      :class:`BackendUnavailableError` saying why.
+    - ``config`` is None (the backend's defaults) or an instance of the op's
+      ``kernel_config`` (configures ``"triton"`` and ``"interpret"``) or ``xla_config``
+      (configures ``"xla"``); anything else raises TypeError.
+    - A config that does not configure the concrete backend raises TypeError, except
+      under ``"auto"``, where a config for the backend auto did not pick is not used
+      (code written with GPU settings still runs on a CPU). ``"reference"`` takes no
+      config.
+
+    Returns the config to use: the given one, or the defaults (``kernel_config()`` /
+    ``xla_config()``), or None for ``"reference"`` and for ``"xla"`` without an
+    ``xla_config`` type. ``argument`` names the config argument in error messages.
+    """
+    concrete = resolve_backend(backend)
+    accepted = tuple(t for t in (kernel_config, xla_config) if t is not None)
+    if config is not None and not isinstance(config, accepted):
+        names = " or ".join(t.__name__ for t in dict.fromkeys(accepted))
+        raise TypeError(f"{argument} must be a {names} (or None), got {type(config).__name__}")
+    wanted = {"triton": kernel_config, "interpret": kernel_config, "xla": xla_config,
+              "reference": None}[concrete]
+    if config is not None and (wanted is None or not isinstance(config, wanted)):
+        if backend != "auto":
+            raise TypeError(f"{argument}={config!r} does not configure backend={backend!r}")
+        config = None
+    if config is None and wanted is not None:
+        config = wanted()
+    return concrete, config
 
 
 def resolve_backend(backend: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 
@@ -62,8 +63,32 @@ def _bench(args) -> int:
     return 0
 
 
-def _field_type(field):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once (a help text that names its default keeps it)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _setting_fields():
+    """(dataclass field, its flag) for every flat setting of ``hsae train``."""
+    from hsae_jax.model import SAEConfig
+    from hsae_jax.train.config import TrainConfig
+
+    fields = [*dataclasses.fields(SAEConfig),
+              *(f for f in dataclasses.fields(TrainConfig) if f.name != "sae")]
+    return [(f, "--" + f.name.replace("_", "-")) for f in fields]
+
+
+def _parser_for(field):
+    """The argparse type of a setting, from its annotation."""
     text = str(field.type)
+    if text.startswith("tuple[int"):
+        from hsae_jax.train.config import parse_budgets
+
+        return parse_budgets
     for name, cast in (("int", int), ("float", float)):
         if text.startswith(name):
             return cast
@@ -71,27 +96,28 @@ def _field_type(field):
 
 
 def _add_train(sub) -> None:
-    from hsae_jax.train.config import TrainConfig
-
     p = sub.add_parser(
         "train", help="train an SAE (default: the embedded synthetic data, ~1 min on a CPU)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--out", default="runs/default", help="run folder to write")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for field in dataclasses.fields(TrainConfig):
-        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
-                       type=_field_type(field), default=field.default,
-                       help=field.metadata["help"])
+    for field, flag in _setting_fields():
+        if str(field.type) == "bool":
+            p.add_argument(flag, dest=field.name, action="store_true",
+                           help=field.metadata["help"])
+        else:
+            p.add_argument(flag, dest=field.name, type=_parser_for(field),
+                           default=field.default, help=field.metadata["help"])
 
 
 def _train(args) -> int:
     from hsae_jax.train import TrainConfig, train
 
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()}
     out = args.resume or args.out
-    train(TrainConfig(**settings), out, resume=bool(args.resume),
+    train(TrainConfig.from_flat(**settings), out, resume=bool(args.resume),
           progress=not args.no_progress)
     return 0
 
@@ -123,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"train": _train, "eval": _eval, "bench": _bench}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        parser.exit(2, f"hsae {args.command}: error: {err}\n")
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"hsae {args.command}: error: {_as_flags(str(err))}\n")
+
+
+def _as_flags(message: str) -> str:
+    """Names settings as the flags a command-line user typed (SAEConfig.k -> --k)."""
+    return re.sub(r"\b(?:SAEConfig|TrainConfig)\.(\w+)",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.loss import hierarchical_sae_prefix_sse
 from hsae_jax.model import SAEConfig, encode_arrays, fired_latents, scale_inputs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int, kernels: KernelSettings):
     xs = scale_inputs(stats, x)
-    vals, indices = encode_arrays(cfg, params, stats, x, k_eval)
+    vals, indices = encode_arrays(cfg, params, stats, x, k_eval, kernels)
     sse = hierarchical_sae_prefix_sse(indices, params["W_dec"], vals, params["b_dec"], xs,
-                                      backend=cfg.backend)
+                                      backend=kernels.backend, config=kernels.loss)
     fired = fired_latents(indices[:, :cfg.k], vals[:, :cfg.k], cfg.n_latents)
     return {
         "sse": jnp.sum(sse, axis=0),  # [k_eval]
@@ -30,7 +31,8 @@ def _batch_sums(cfg: SAEConfig, params, stats, x, k_eval: int):
 
 
 def evaluate(cfg: SAEConfig, params, stats, batches: Iterable[jax.Array],
-             true_features: jax.Array | None = None, k_eval: int | None = None) -> dict:
+             true_features: jax.Array | None = None, k_eval: int | None = None,
+             kernels: KernelSettings = DEFAULT_KERNELS) -> dict:
     """Metrics over ``batches`` of raw activations [B, D].
 
     Returns a dict with ``fvu_per_k`` (k_eval floats: FVU of the reconstruction from
@@ -45,7 +47,7 @@ def evaluate(cfg: SAEConfig, params, stats, batches: Iterable[jax.Array],
     totals = None
     n = 0
     for x in batches:
-        sums = _batch_sums(cfg, params, stats, x, k_eval)
+        sums = _batch_sums(cfg, params, stats, x, k_eval, kernels)
         n += x.shape[0]
         totals = sums if totals is None else jax.tree.map(
             lambda a, b: a | b if a.dtype == jnp.bool_ else a + b, totals, sums)

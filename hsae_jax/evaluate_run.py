@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
+from hsae_jax.data import eval_batches
 from hsae_jax.evaluate import evaluate
+from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.model import load_model_files
 from hsae_jax.train.config import TrainConfig
-from hsae_jax.train.loop import eval_batches, make_source
 
 
 def evaluate_run(run_dir: str, *, data: str | None = None, data_key: str | None = None,
@@ -17,18 +17,15 @@ def evaluate_run(run_dir: str, *, data: str | None = None, data_key: str | None 
     """Loads ``run_dir``'s model and evaluates it on its data (or ``data``)."""
     cfg, params, stats = load_model_files(run_dir)
     with open(os.path.join(run_dir, "cfg.json")) as f:
-        saved = json.load(f).get("train", {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        tc = TrainConfig.from_saved(json.load(f).get("train", {}))
     if data is not None:
-        tc.data, tc.data_key = data, data_key
-    if backend is not None:
-        cfg = dataclasses.replace(cfg, backend=backend)
-    source = make_source(tc)
+        tc = tc.replace(data=data, data_key=data_key)
+    kernels = KernelSettings.create(backend or tc.backend, deterministic=tc.deterministic)
+    source = tc.open_source()
     if source.d_model != cfg.d_model:
         raise ValueError(f"data has D={source.d_model}; the model expects D={cfg.d_model}")
     metrics = evaluate(cfg, params, stats, eval_batches(source, batches or tc.eval_batches),
-                       getattr(source, "features", None))
+                       getattr(source, "features", None), kernels=kernels)
     return {"run_dir": run_dir, "data": source.describe(), "k": cfg.k, **metrics}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import jax
@@ -28,16 +29,22 @@ from flax import nnx
 
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write, atomic_write_json
+from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
-from hsae_jax.loss.common import weighted_row_sum
+from hsae_jax.sparse_rows import weighted_row_sum
 
 OBJECTIVES = ("hierarchical", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def setting(default, help: str):  # noqa: A002 - argparse's word
+    """A dataclass field with the help text the CLI shows for it."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-    """What defines an SAE and its objective.
+    """What defines an SAE and its objective (saved in a run's ``cfg.json``).
 
     d_model: D. n_latents: F. k: K, latents kept per token.
     objective: ``"hierarchical"`` (the mean of every prefix's error: good at every
@@ -49,25 +56,25 @@ class SAEConfig:
     dead_tokens: a latent that has not fired for this many tokens is dead.
     compute_dtype: ``"float32"`` or ``"bfloat16"`` for the encoder and decoder inputs
       (master weights stay float32; accumulation is float32).
-    backend: op backend (``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"``,
-      ``"reference"``).
+    Which backend runs the ops is not part of the model: see :class:`KernelSettings`.
     """
 
-    d_model: int
-    n_latents: int
-    k: int
-    objective: str = "hierarchical"
-    budgets: tuple[int, ...] | None = None
-    auxk_coef: float = 1.0 / 32.0
-    aux_k: int | None = None
-    dead_tokens: int = 1_000_000
-    compute_dtype: str = "float32"
-    backend: str = "auto"
+    d_model: int = setting(64, "D: activation width (with --data: the data's width)")
+    n_latents: int = setting(512, "F: number of latents")
+    k: int = setting(16, "K: latents kept per token (the largest budget)")
+    objective: str = setting("hierarchical", "hierarchical (every budget k <= K) or topk")
+    budgets: tuple[int, ...] | None = setting(
+        None, "comma-separated budgets to train for (default: every k = 1..K)")
+    auxk_coef: float = setting(1.0 / 32.0, "weight of the AuxK loss on dead latents (0: off)")
+    aux_k: int | None = setting(None, "latents used by AuxK (default: min(D/2, F))")
+    dead_tokens: int = setting(1_000_000, "a latent not fired for this many tokens is dead")
+    compute_dtype: str = setting("float32", "float32 or bfloat16 encoder/decoder inputs")
 
     def __post_init__(self):
-        for name in ("d_model", "n_latents", "k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SAEConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("d_model", "n_latents", "k", "dead_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SAEConfig.{name}={value!r} must be an int >= 1")
         if self.k > self.n_latents:
             raise ValueError(f"SAEConfig.k={self.k} must be <= n_latents={self.n_latents}")
         if self.objective not in OBJECTIVES:
@@ -76,11 +83,17 @@ class SAEConfig:
             raise ValueError(
                 f"SAEConfig.compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}")
         if self.budgets is not None:
-            if not self.budgets or any(not 1 <= b <= self.k for b in self.budgets):
+            if (not self.budgets or any(not isinstance(b, int) or not 1 <= b <= self.k
+                                        for b in self.budgets)):
                 raise ValueError(
-                    f"SAEConfig.budgets={self.budgets} must be values in [1, k={self.k}]")
-        if self.auxk_coef < 0:
-            raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be >= 0")
+                    f"SAEConfig.budgets={self.budgets} must be ints in [1, k={self.k}]")
+            if self.objective == "topk":
+                raise ValueError("SAEConfig.budgets applies to the hierarchical objective; "
+                                 "objective='topk' trains budget k only")
+        if not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
+            raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be finite and >= 0")
+        if self.aux_k is not None and (not isinstance(self.aux_k, int) or self.aux_k < 1):
+            raise ValueError(f"SAEConfig.aux_k={self.aux_k!r} must be an int >= 1")
 
     @property
     def resolved_aux_k(self) -> int:
@@ -140,11 +153,13 @@ def scale_inputs(stats, x):
     return x.astype(jnp.float32) * stats["input_scale"]
 
 
-def encode_arrays(cfg: SAEConfig, params, stats, x, k: int | None = None):
+def encode_arrays(cfg: SAEConfig, params, stats, x, k: int | None = None,
+                  kernels: KernelSettings = DEFAULT_KERNELS):
     """Raw activations x [B, D] -> (vals [B, k] float32 >= 0, indices [B, k] int32)."""
     xs = scale_inputs(stats, x)
     return topk_encode(_cast(cfg, xs), _cast(cfg, params["W_enc"]), params["b_enc"],
-                       params["b_dec"], k or cfg.k, backend=cfg.backend)
+                       params["b_dec"], cfg.k if k is None else k, backend=kernels.backend,
+                       topk_config=kernels.topk, config=kernels.encoder)
 
 
 def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int = 8):
@@ -158,7 +173,7 @@ def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int
     return recon / stats["input_scale"]
 
 
-def sae_loss(cfg: SAEConfig, params, stats, x):
+def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT_KERNELS):
     """Training objective on raw activations x [B, D].
 
     Returns (loss, aux) with aux = dict(recon_loss, auxk_loss, l0, fired [F] bool,
@@ -168,21 +183,20 @@ def sae_loss(cfg: SAEConfig, params, stats, x):
     """
     xs = scale_inputs(stats, x)
     w_dec = _cast(cfg, params["W_dec"])
-    vals, indices = encode_arrays(cfg, params, stats, x)
+    vals, indices = encode_arrays(cfg, params, stats, x, kernels=kernels)
+    loss_kw = dict(backend=kernels.backend, config=kernels.loss)
     if cfg.objective == "topk":
-        recon_loss = topk_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
-                                   backend=cfg.backend)
+        recon_loss = topk_sae_loss(indices, w_dec, vals, params["b_dec"], xs, **loss_kw)
     else:
         recon_loss = hierarchical_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
-                                           prefix_weights=cfg.prefix_weights(),
-                                           backend=cfg.backend)
+                                           prefix_weights=cfg.prefix_weights(), **loss_kw)
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
     num_dead = jnp.sum(dead)
     auxk_loss = jnp.float32(0.0)
     if cfg.auxk_coef > 0:
         auxk_loss = jax.lax.cond(
             num_dead > 0,
-            lambda: _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead),
+            lambda: _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead, kernels),
             lambda: jnp.float32(0.0),
         )
     fired = fired_latents(indices, vals, cfg.n_latents)
@@ -201,7 +215,7 @@ def fired_latents(indices, vals, n_latents: int) -> jax.Array:
     return jnp.zeros((n_latents,), jnp.bool_).at[indices.reshape(-1)].max(vals.reshape(-1) > 0)
 
 
-def _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead):
+def _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead, kernels):
     """Normalised error of reconstructing the residual from the top aux_k dead latents."""
     aux_k = cfg.resolved_aux_k
     xs = scale_inputs(stats, x)
@@ -209,10 +223,10 @@ def _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead):
         xs - decode_arrays(params, {"input_scale": jnp.float32(1.0)}, vals, indices))
     only_dead = jnp.where(dead, 0.0, -1e30).astype(jnp.float32)
     aux_vals, aux_idx = encode_arrays(cfg, {**params, "b_enc": params["b_enc"] + only_dead},
-                                      stats, x, aux_k)
+                                      stats, x, aux_k, kernels)
     zero_bias = jnp.zeros((cfg.d_model,), jnp.float32)
     err = topk_sae_loss(aux_idx, _cast(cfg, params["W_dec"]), aux_vals, zero_bias, residual,
-                        backend=cfg.backend)
+                        backend=kernels.backend, config=kernels.loss)
     variance = jnp.mean((residual - jnp.mean(residual, axis=0)) ** 2)
     scale = jnp.minimum(num_dead / aux_k, 1.0)
     return jnp.where(variance > 0, scale * err / variance, 0.0)
@@ -250,13 +264,20 @@ class HierarchicalTopKSAE(nnx.Module):
     """
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs | None = None,
-                 sample: jax.Array | None = None, arrays: tuple[dict, dict] | None = None):
+                 sample: jax.Array | None = None, arrays: tuple[dict, dict] | None = None,
+                 kernels: KernelSettings = DEFAULT_KERNELS):
         """A new SAE (``rngs``; ``sample`` [N, D] sets input scale and b_dec), or one
-        holding given ``arrays`` = (params, stats)."""
+        holding given ``arrays`` = (params, stats). ``kernels``: which backend (and op
+        configs) its encode, decode and loss run on; not saved with the model."""
         self.cfg = cfg
+        self.kernels = kernels
         if arrays is None:
             if rngs is None:
                 raise ValueError("HierarchicalTopKSAE needs rngs= (or arrays=)")
+            if sample is not None and (len(np.shape(sample)) != 2
+                                       or np.shape(sample)[1] != cfg.d_model):
+                raise ValueError(f"sample must have shape [N, D={cfg.d_model}], got "
+                                 f"{tuple(np.shape(sample))}")
             arrays = init_arrays(cfg, rngs.params(), sample)
         self._set_arrays(*arrays)
 
@@ -269,8 +290,9 @@ class HierarchicalTopKSAE(nnx.Module):
         self.tokens_since_fired = SAEStat(stats["tokens_since_fired"])
 
     @classmethod
-    def from_arrays(cls, cfg: SAEConfig, params: dict, stats: dict) -> HierarchicalTopKSAE:
-        return cls(cfg, arrays=(params, stats))
+    def from_arrays(cls, cfg: SAEConfig, params: dict, stats: dict,
+                    kernels: KernelSettings = DEFAULT_KERNELS) -> HierarchicalTopKSAE:
+        return cls(cfg, arrays=(params, stats), kernels=kernels)
 
     def params(self) -> dict:
         return {n: getattr(self, n)[...] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
@@ -279,11 +301,19 @@ class HierarchicalTopKSAE(nnx.Module):
         return {n: getattr(self, n)[...] for n in ("input_scale", "tokens_since_fired")}
 
     def encode(self, x: jax.Array, k: int | None = None):
-        """x [B, D] -> (vals [B, k] float32, indices [B, k] int32), sorted by value."""
-        return encode_arrays(self.cfg, self.params(), self.stats(), x, k)
+        """x [B, D] -> (vals [B, k] float32, indices [B, k] int32), sorted by value.
+
+        k: latents kept per token, 1 <= k <= F (None: the model's K)."""
+        if k is not None:
+            _check_budget("k", k, self.cfg.n_latents, "F")
+        return encode_arrays(self.cfg, self.params(), self.stats(), x, k, self.kernels)
 
     def decode(self, vals: jax.Array, indices: jax.Array, k: int | None = None) -> jax.Array:
-        """[B, D] reconstruction from the first k latents (None: all given)."""
+        """[B, D] float32 reconstruction from the first k latents (None: all given).
+
+        vals [B, n] float, indices [B, n] int (from :meth:`encode`); 1 <= k <= n."""
+        if k is not None:
+            _check_budget("k", k, indices.shape[-1], "the latents given")
         return decode_arrays(self.params(), self.stats(), vals, indices, k)
 
     def __call__(self, x: jax.Array, k: int | None = None) -> jax.Array:
@@ -293,7 +323,7 @@ class HierarchicalTopKSAE(nnx.Module):
 
     def loss(self, x: jax.Array) -> jax.Array:
         """The training objective (scalar float32) on raw activations x [B, D]."""
-        return sae_loss(self.cfg, self.params(), self.stats(), x)[0]
+        return sae_loss(self.cfg, self.params(), self.stats(), x, self.kernels)[0]
 
     # ------------------------------------------------------------------ persistence
 
@@ -306,10 +336,16 @@ class HierarchicalTopKSAE(nnx.Module):
         save_model_files(run_dir, self.cfg, self.params(), self.stats(), extra_cfg)
 
     @classmethod
-    def load(cls, run_dir: str) -> HierarchicalTopKSAE:
+    def load(cls, run_dir: str, kernels: KernelSettings = DEFAULT_KERNELS
+             ) -> HierarchicalTopKSAE:
         """The model saved in ``run_dir`` by :meth:`save` or ``hsae train``."""
         cfg, params, stats = load_model_files(run_dir)
-        return cls.from_arrays(cfg, params, stats)
+        return cls.from_arrays(cfg, params, stats, kernels)
+
+
+def _check_budget(name: str, k, limit: int, what: str) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= limit:
+        raise ValueError(f"{name}={k!r} must be an int in [1, {limit}] ({what})")
 
 
 def save_model_files(run_dir: str, cfg: SAEConfig, params, stats, extra_cfg=None) -> None:

@@ -4,7 +4,11 @@ Both launchers take the arguments in jax-triton's order: the kernel receives eve
 input (arrays and Python scalars, in order) first and then one pointer per output.
 Constexpr parameters are passed by keyword.
 
-- ``backend="triton"``: ``jax_triton.triton_call`` (0.3.x and 0.4.x).
+- ``backend="triton"``: ``jax_triton.triton_call``, on jax-triton 0.3.x (Triton 3.6) and
+  0.4.x (Triton >= 3.7). No launch aliases an input to an output: the two versions
+  disagree on how an aliased output reaches the kernel (0.3.x passes it as its own
+  pointer, 0.4.x only through the input's), so a kernel that updates a buffer reads it
+  as an input and writes a fresh output.
 - ``backend="interpret"``: ``jax.pure_callback`` running the same kernel function under
   Triton's interpreter on torch CPU tensors. Outputs not listed in ``zeroed_outputs``
   are poisoned (NaN, or -1 for integers) before the launch, so an element a kernel
@@ -13,7 +17,6 @@ Constexpr parameters are passed by keyword.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -24,14 +27,6 @@ import numpy as np
 from hsae_jax import backends
 
 
-def kernel_module(name: str, backend: str):
-    """Imports the kernel module ``name`` with Triton in the mode ``backend`` needs."""
-    if backend not in backends.KERNEL_BACKENDS:
-        raise ValueError(f"{backend=} does not launch Triton kernels")
-    backends.import_triton("interpret" if backend == "interpret" else "compiled")
-    return importlib.import_module(name)
-
-
 def launch(
     kernel,
     *args: Any,
@@ -39,15 +34,14 @@ def launch(
     grid: tuple[int, ...],
     backend: str,
     zeroed_outputs: Sequence[int] = (),
-    aliases: dict[int, int] | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     **constexprs: Any,
 ) -> list[jax.Array]:
     """Runs ``kernel`` on ``grid`` and returns its outputs (a list, one per out_shape).
 
-    aliases: {input position among the array arguments: output index}: that output
-    starts as a copy of that input (in place where XLA can).
+    zeroed_outputs: indices of outputs zeroed before the launch (accumulated with
+    atomics); the interpreter fills every other output with NaN (or -1) first.
     """
     out_shape = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape]
     grid = tuple(int(g) for g in grid)
@@ -55,15 +49,15 @@ def launch(
         raise ValueError(f"{grid=} must be positive")
     if backend == "triton":
         return _launch_compiled(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                dict(aliases or {}), num_warps, num_stages, constexprs)
+                                num_warps, num_stages, constexprs)
     if backend == "interpret":
         return _launch_interpreted(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                   dict(aliases or {}), constexprs)
+                                   constexprs)
     raise ValueError(f"{backend=} does not launch Triton kernels")
 
 
-def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, aliases, num_warps,
-                     num_stages, constexprs):
+def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, num_warps, num_stages,
+                     constexprs):
     jt = backends.import_jax_triton()
     version = tuple(int(p) for p in jt.__version__.split(".")[:2])
     shape_kw = "out_shape" if version < (0, 4) else "out_type"
@@ -78,7 +72,6 @@ def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, aliases, num
             num_warps=num_warps,
             num_stages=num_stages,
             zeroed_outputs=zeroed_outputs,
-            input_output_aliases=aliases,
             **{shape_kw: out_shape},
             **constexprs,
         )
@@ -118,7 +111,7 @@ def _torch_dtype(dtype):
     }[np.dtype(dtype)]
 
 
-def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexprs):
+def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
     import torch
 
     array_positions = [i for i, a in enumerate(args) if not isinstance(a, (int, float, bool))]
@@ -129,12 +122,9 @@ def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, aliases, 
         for position, value in zip(array_positions, host_arrays, strict=True):
             call_args[position] = _to_torch(np.asarray(value))
         outputs = []
-        copied = {o: i for i, o in aliases.items()}
         for index, spec in enumerate(out_shape):
             dtype = _torch_dtype(spec.dtype)
-            if index in copied:
-                outputs.append(_to_torch(np.asarray(host_arrays[copied[index]])))
-            elif index in zeroed_outputs:
+            if index in zeroed_outputs:
                 outputs.append(torch.zeros(spec.shape, dtype=dtype))
             elif dtype.is_floating_point:
                 outputs.append(torch.full(spec.shape, float("nan"), dtype=dtype))

@@ -65,7 +65,7 @@ def test_loss_floor_kernels_do_what_the_table_says():
     import numpy as np
     from conftest import KERNEL_BACKEND
 
-    from hsae_jax import FusedConfig
+    from hsae_jax import WalkConfig
 
     floor = _load_benchmark("loss_floor")
     floor.make_kernels(KERNEL_BACKEND)
@@ -81,7 +81,7 @@ def test_loss_floor_kernels_do_what_the_table_says():
     scattered = np.zeros((f, d))
     np.add.at(scattered, safe[ok], (vals[:, :, None] * g[:, None, :])[ok])
 
-    calls = floor.floor_calls(KERNEL_BACKEND, FusedConfig(block_b=4, block_d=16, num_warps=1,
+    calls = floor.floor_calls(KERNEL_BACKEND, WalkConfig(block_b=4, block_d=16, num_warps=1,
                                                           loop_num_stages=2),
                               jax.numpy.asarray(indices), weight, vals, jax.numpy.asarray(g))
     (out,) = calls["gather"](weight, vals)

@@ -10,17 +10,18 @@ import pytest
 from conftest import requires_gpu, requires_interpreter
 
 from hsae_jax.encoder import SparseEncoderConfig, topk_encode
+from hsae_jax.segments import SegmentSumConfig
 
 BACKENDS = [
     pytest.param("xla", None, id="xla"),
     pytest.param("xla", SparseEncoderConfig(xla_chunk=3), id="xla-chunk3"),
     pytest.param("interpret", None, marks=requires_interpreter, id="interpret"),
     # several D tiles and several pair steps per latent
-    pytest.param("interpret", SparseEncoderConfig(block_pairs=2, block_d=8),
+    pytest.param("interpret", SparseEncoderConfig(SegmentSumConfig(block_pairs=2, block_d=8)),
                  marks=requires_interpreter, id="interpret-small-blocks"),
     pytest.param("triton", None, marks=requires_gpu, id="triton"),
-    pytest.param("triton", SparseEncoderConfig(block_pairs=2, block_d=8), marks=requires_gpu,
-                 id="triton-small-blocks"),
+    pytest.param("triton", SparseEncoderConfig(SegmentSumConfig(block_pairs=2, block_d=8)),
+                 marks=requires_gpu, id="triton-small-blocks"),
 ]
 
 
@@ -74,13 +75,31 @@ def test_hot_latents_chosen_by_every_token(backend, config, rng_seed):
     chex.assert_trees_all_equal(grads[1], again[1])  # dW_enc: no atomics, same order
 
 
-@pytest.mark.parametrize("config, message", [
-    (SparseEncoderConfig(block_d=48), "block_d=48 must be a power of two"),
-    (SparseEncoderConfig(num_warps=0), "num_warps=0 must be >= 1"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: SparseEncoderConfig(segment_sum=SegmentSumConfig(block_d=48)),
+     "SegmentSumConfig.block_d=48 must be a power of two"),
+    (lambda: SparseEncoderConfig(segment_sum=SegmentSumConfig(num_warps=0)),
+     "SegmentSumConfig.num_warps=0 must be an int >= 1"),
+    (lambda: SparseEncoderConfig(xla_chunk=0), "SparseEncoderConfig.xla_chunk=0"),
 ])
-def test_bad_config_is_rejected(config, message):
+def test_bad_config_is_rejected_when_made(make, message):
     with pytest.raises(ValueError, match=message):
-        topk_encode(*encoder_inputs(0, 4, 6, 10), 3, config=config)
+        make()
+
+
+@pytest.mark.parametrize("name", ["x", "w_enc", "b_enc", "b_dec"])
+def test_integer_inputs_are_rejected_by_name(name):
+    inputs = dict(zip(("x", "w_enc", "b_enc", "b_dec"), encoder_inputs(0, 4, 6, 10),
+                      strict=True))
+    inputs[name] = inputs[name].astype(jnp.int32)
+    with pytest.raises(TypeError, match=f"{name} has dtype int32"):
+        topk_encode(**inputs, k=3, backend="xla")
+
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.0])
+def test_k_outside_one_to_f_is_rejected(k):
+    with pytest.raises(ValueError, match=f"k={k!r} must be an int in \\[1, F=10\\]"):
+        topk_encode(*encoder_inputs(0, 4, 6, 10), k, backend="reference")
 
 
 def test_relu_blocks_the_gradient_of_negative_selections():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_inputs, relative_error, requires_gpu
-from test_loss import DETERMINISTIC, FUSED, TWO_PASS, check_against_oracle, loss_and_grads
+from loss_checks import DETERMINISTIC, FUSED, TWO_PASS, check_against_oracle, loss_and_grads
 
 pytestmark = requires_gpu
 

@@ -94,19 +94,22 @@ def test_config_must_match_the_backend(backend, config):
         hsae_jax.hierarchical_sae_loss(**good(), backend=backend, config=config)
 
 
-@pytest.mark.parametrize("config, message", [
-    (TritonLossConfig(variant="three_pass"), "variant='three_pass' must be"),
-    (TritonLossConfig(variant="fused", fused=hsae_jax.FusedConfig(block_d=24)),
-     "block_d=24 must be a power of two"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: TritonLossConfig(variant="three_pass"), "variant='three_pass' must be"),
+    (lambda: TritonLossConfig(variant="auto"), "variant='auto' must be"),
+    (lambda: hsae_jax.WalkConfig(block_d=24), "WalkConfig.block_d=24 must be a power of two"),
+    (lambda: hsae_jax.WalkConfig(loop_num_stages=0), "WalkConfig.loop_num_stages=0"),
+    (lambda: hsae_jax.PrefixSseConfig(block_b=3), "PrefixSseConfig.block_b=3"),
+    (lambda: XlaLossConfig(chunk=0), "XlaLossConfig.chunk=0 must be an int >= 1"),
 ])
-def test_bad_kernel_config_is_rejected(config, message):
+def test_bad_config_is_rejected_when_made(make, message):
     with pytest.raises(ValueError, match=message):
-        hsae_jax.hierarchical_sae_loss(**good(), backend=KERNEL_BACKEND, config=config)
+        make()
 
 
-def test_xla_chunk_must_be_positive():
-    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
-        hsae_jax.hierarchical_sae_loss(**good(), backend="xla", config=XlaLossConfig(chunk=0))
+def test_a_config_of_the_wrong_type_inside_a_config_is_named():
+    with pytest.raises(TypeError, match="TritonLossConfig.fused must be a WalkConfig"):
+        TritonLossConfig(fused=XlaLossConfig())
 
 
 @pytest.mark.skipif(ON_GPU, reason="checked on the CPU machine")

@@ -8,8 +8,8 @@ import pytest
 from conftest import KERNEL_BACKEND, assert_close_to_oracle, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_checks import FUSED, loss_and_grads
 from oracle import decoder_loss_oracle
-from test_loss import FUSED, loss_and_grads
 
 import hsae_jax
 

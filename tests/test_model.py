@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hsae_jax import HierarchicalTopKSAE, SAEConfig
+from hsae_jax import HierarchicalTopKSAE, KernelSettings, SAEConfig
 from hsae_jax.model import normalize_decoder, project_decoder_grad
 
-CFG = SAEConfig(d_model=12, n_latents=40, k=6, backend="xla")
+CFG = SAEConfig(d_model=12, n_latents=40, k=6)
+XLA = KernelSettings("xla")
 
 
 def sample(seed=0, n=64, d=12):
@@ -21,7 +22,7 @@ def sample(seed=0, n=64, d=12):
 
 def test_initialisation_follows_topk_sae_practice():
     x = sample()
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x)
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x, kernels=XLA)
     norms = np.linalg.norm(np.asarray(sae.W_dec[...]), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(sae.W_enc[...]), np.asarray(sae.W_dec[...]))
@@ -33,7 +34,7 @@ def test_initialisation_follows_topk_sae_practice():
 
 def test_decode_at_budget_k_uses_the_first_k_latents():
     x = sample(1)
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(1), sample=x)
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(1), sample=x, kernels=XLA)
     vals, indices = sae.encode(x)
     chex.assert_shape([vals, indices], (64, 6))
     assert np.all(np.diff(np.asarray(vals), axis=1) <= 0) and np.all(np.asarray(vals) >= 0)
@@ -48,7 +49,7 @@ def test_decode_at_budget_k_uses_the_first_k_latents():
 
 
 def test_encode_can_use_more_latents_than_trained_with():
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=sample())
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=sample(), kernels=XLA)
     vals, _ = sae.encode(sample(2), k=10)
     assert vals.shape == (64, 10)
 
@@ -61,9 +62,9 @@ def test_decoder_gradient_projection_is_orthogonal_to_rows():
 
 
 def test_save_then_load_gives_the_same_model(tmp_path):
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample())
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample(), kernels=XLA)
     sae.save(str(tmp_path))
-    loaded = HierarchicalTopKSAE.load(str(tmp_path))
+    loaded = HierarchicalTopKSAE.load(str(tmp_path), XLA)
     assert loaded.cfg == sae.cfg
     chex.assert_trees_all_equal(loaded.params(), sae.params())
     assert float(loaded.input_scale[...]) == float(sae.input_scale[...])
@@ -76,7 +77,7 @@ def test_save_then_load_gives_the_same_model(tmp_path):
 
 
 def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample())
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(3), sample=sample(), kernels=XLA)
     sae.save(str(tmp_path))
     import json
 
@@ -84,7 +85,7 @@ def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
     cfg["n_latents"] = 41
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"W_enc is \(12, 40\), expected \(12, 41\)"):
-        HierarchicalTopKSAE.load(str(tmp_path))
+        HierarchicalTopKSAE.load(str(tmp_path), XLA)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -103,7 +104,7 @@ def test_model_works_with_an_nnx_optimizer():
     import optax
 
     x = sample()
-    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x)
+    sae = HierarchicalTopKSAE(CFG, rngs=nnx.Rngs(0), sample=x, kernels=XLA)
     optimizer = nnx.Optimizer(sae, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
@@ -117,10 +118,10 @@ def test_model_works_with_an_nnx_optimizer():
 
 
 def test_bf16_compute_keeps_float32_masters():
-    cfg = SAEConfig(d_model=12, n_latents=40, k=6, backend="xla", compute_dtype="bfloat16")
-    sae = HierarchicalTopKSAE(cfg, rngs=nnx.Rngs(0), sample=sample())
+    cfg = SAEConfig(d_model=12, n_latents=40, k=6, compute_dtype="bfloat16")
+    sae = HierarchicalTopKSAE(cfg, rngs=nnx.Rngs(0), sample=sample(), kernels=XLA)
     grads = jax.grad(lambda p: __import__("hsae_jax").model.sae_loss(
-        cfg, p, sae.stats(), sample(4))[0])(sae.params())
+        cfg, p, sae.stats(), sample(4), XLA)[0])(sae.params())
     for name, g in grads.items():
         assert g.dtype == jnp.float32, name
         assert np.all(np.isfinite(np.asarray(g)))

@@ -47,4 +47,4 @@ def test_sums_every_latents_pairs_onto_its_row(backend, pairs_per_row, with_base
 
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="SegmentSumConfig.block_d=48 must be a power of two"):
-        SegmentSumConfig(block_d=48).validate()
+        SegmentSumConfig(block_d=48)

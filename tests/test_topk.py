@@ -115,16 +115,31 @@ def test_bad_arguments_are_rejected(x, k, error, message):
         top_k(x, k, backend=KERNEL_BACKEND)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(chunk=48), "TopKConfig.chunk=48 must be a power of two"),
+    (dict(method="radix"), "TopKConfig.method='radix' must be one of"),
+    (dict(groups=0), "TopKConfig.groups=0 must be a power of two"),
+    (dict(num_warps=0), "TopKConfig.num_warps=0 must be an int >= 1"),
+])
+def test_bad_config_is_rejected_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TopKConfig(**settings)
+
+
 @pytest.mark.parametrize("config, message", [
-    (TopKConfig(chunk=48), "chunk=48 must be a power of two"),
-    (TopKConfig(method="radix"), "method='radix' must be one of"),
     (TopKConfig(candidates=65536), "candidates=65536 must be <= 32768"),
     (TopKConfig(method="threshold", block=65536), "block=65536"),
-    (TopKConfig(groups=0), "groups=0 must be a power of two"),
 ])
-def test_bad_config_is_rejected_before_launch(config, message):
+def test_config_beyond_the_kernels_limits_is_rejected_before_launch(config, message):
     with pytest.raises(ValueError, match=message):
         top_k(jnp.ones((2, 100)), 4, backend=KERNEL_BACKEND, config=config)
+
+
+def test_a_kernel_config_does_not_configure_xla():
+    with pytest.raises(TypeError, match="does not configure backend='xla'"):
+        top_k(jnp.ones((2, 100)), 4, backend="xla", config=TopKConfig())
+    values, _ = top_k(jnp.arange(8.0)[None], 2, backend="auto", config=TopKConfig())
+    np.testing.assert_array_equal(values, [[7.0, 6.0]])
 
 
 @pytest.mark.parametrize("k, method", [(1, "threshold"), (256, "threshold"), (512, "threshold"),

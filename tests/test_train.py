@@ -27,7 +27,7 @@ TINY = dict(d_model=16, n_latents=64, k=8, batch_size=128, steps=20, synthetic_f
 
 
 def tiny(**overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, **overrides})
+    return TrainConfig.from_flat(**{**TINY, **overrides})
 
 
 def state_params(run_dir):
@@ -104,9 +104,7 @@ def test_resume_ignores_a_checkpoint_that_was_never_finished(tmp_path):
 
 
 def test_non_finite_batches_skip_the_update_and_are_counted(tmp_path):
-    from hsae_jax.train.loop import make_source
-
-    inner = make_source(tiny())
+    inner = tiny().open_source()
 
     class Poisoned:
         d_model = inner.d_model
@@ -128,11 +126,10 @@ def test_non_finite_batches_skip_the_update_and_are_counted(tmp_path):
 
 def test_a_skipped_step_leaves_every_parameter_unchanged():
     from hsae_jax.model import init_arrays
-    from hsae_jax.train.loop import sae_config
     from hsae_jax.train.step import make_mesh, make_optimizer, make_train_step
 
     tc = tiny()
-    cfg = sae_config(tc, 16)
+    cfg = tc.sae
     tx = make_optimizer(tc)
     step = make_train_step(cfg, tx, make_mesh(1))
     params, stats = init_arrays(cfg, jax.random.key(0), jnp.ones((4, 16)))
@@ -162,7 +159,7 @@ def test_data_parallel_over_four_devices_matches_one(tmp_path):
         assert jax.device_count() == 4, jax.devices()
         cfg = {json.dumps({**TINY, "steps": 6})}
         for n in (1, 4):
-            train(TrainConfig(**cfg, devices=n), sys.argv[1] + f"/d{{n}}", progress=False,
+            train(TrainConfig.from_flat(**cfg, devices=n), sys.argv[1] + f"/d{{n}}", progress=False,
                   log=lambda *_: None)
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -189,12 +186,23 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--no-progress", "--out", str(tmp_path), "--k", "0"])
     assert info.value.code == 2
-    assert "--k=0 must be >= 1" in capsys.readouterr().err
+    assert "--k=0 must be an int >= 1" in capsys.readouterr().err
 
 
-def test_train_config_fields_all_have_help():
-    for field in dataclasses.fields(TrainConfig):
+def test_every_setting_has_help_and_a_flag(capsys):
+    from hsae_jax.model import SAEConfig
+
+    fields = [*dataclasses.fields(SAEConfig),
+              *(f for f in dataclasses.fields(TrainConfig) if f.name != "sae")]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for field in fields:
         assert field.metadata.get("help"), field.name
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
+    assert "(default: 1024) (default" not in help_text
+    for line in help_text.splitlines():
+        assert line.count("(default") <= 1, line
 
 
 def test_training_runs_on_the_triton_kernels(tmp_path):

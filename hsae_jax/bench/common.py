@@ -12,8 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.io_utils import atomic_write_json
-
 
 def block(x):
     return jax.block_until_ready(x)
@@ -83,11 +81,6 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
             cells.append("-" if value is None else format(value, fmt))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Writes ``payload`` atomically (temporary file, then rename)."""
-    atomic_write_json(path, payload)
 
 
 def sample_indices(key: jax.Array, b: int, f: int, k: int, distribution: str) -> jax.Array:

@@ -25,6 +25,7 @@ import numpy as np
 
 from hsae_jax import backends
 from hsae_jax.bench import common
+from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 
 IMPLS = ("reference", "triton", "triton-two_pass", "triton-deterministic", "xla", "seed-torch")
@@ -55,7 +56,7 @@ class LossBenchSettings:
 
 def _jax_impl(name: str) -> Callable:
     backend, config = {
-        "triton": ("triton", TritonLossConfig(variant="auto")),
+        "triton": ("triton", TritonLossConfig()),
         "triton-two_pass": ("triton", TritonLossConfig(variant="two_pass")),
         "triton-deterministic": ("triton", TritonLossConfig(deterministic=True)),
         "xla": ("xla", None),
@@ -79,7 +80,7 @@ def load_seed_module(path: str):
     return module
 
 
-def _seed_torch_runner(seed, weight, vals, bias, indices, target):
+def _seed_torch_runner(seed_kernels, weight, vals, bias, indices, target):
     import torch
 
     def t(x):
@@ -91,7 +92,7 @@ def _seed_torch_runner(seed, weight, vals, bias, indices, target):
     idx, tgt = t(indices).to(torch.int64), t(target)
 
     def run():
-        loss = seed.triton_hierarchical_sae_loss(idx, w, v, b, tgt)
+        loss = seed_kernels.triton_hierarchical_sae_loss(idx, w, v, b, tgt)
         grads = torch.autograd.grad(loss, (w, v, b))
         return loss, grads
 
@@ -139,9 +140,9 @@ def _rel(a, b) -> float:
 def run(settings: LossBenchSettings, log=print) -> dict:
     """Runs the benchmark, prints a markdown table, writes JSON; returns the payload."""
     impls = available_impls(settings.impls)
-    seed = None
+    seed_kernels = None
     if settings.seed_module and "seed-torch" in settings.impls and backends.cuda_available():
-        seed = load_seed_module(settings.seed_module)
+        seed_kernels = load_seed_module(settings.seed_module)
         impls.append("seed-torch")
     bandwidth = common.copy_bandwidth(min(1 << 30, 64 << 20) if not backends.cuda_available()
                                       else 1 << 30)
@@ -167,7 +168,7 @@ def run(settings: LossBenchSettings, log=print) -> dict:
                     row = dict(k=k, dtype=dtype_name, distribution=dist, impl=name)
                     try:
                         if name == "seed-torch":
-                            fn, sync, peak, as_np = _seed_torch_runner(seed, *args)
+                            fn, sync, peak, as_np = _seed_torch_runner(seed_kernels, *args)
                             stats = common.time_calls(fn, warmup=settings.warmup,
                                                       iters=settings.iters, sync=sync)
                             row["extra_bytes"] = peak()
@@ -204,7 +205,7 @@ def run(settings: LossBenchSettings, log=print) -> dict:
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "results": rows,
     }
-    common.write_json(settings.out, payload)
+    atomic_write_json(settings.out, payload)
     log("")
     log(table(rows))
     log(f"\nwrote {settings.out}")

@@ -28,6 +28,7 @@ import optax
 from hsae_jax import backends
 from hsae_jax.bench import common
 from hsae_jax.encoder import topk_encode
+from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 from hsae_jax.model import SAEConfig, init_arrays, sae_loss
 from hsae_jax.topk import top_k
@@ -59,10 +60,11 @@ class StepBenchSettings:
 
 
 def _hsae_step(b, f, d, k, dtype: str):
-    cfg = SAEConfig(d_model=d, n_latents=f, k=k, compute_dtype=dtype)
-    tc = TrainConfig(d_model=d, n_latents=f, k=k, batch_size=b, steps=10_000)
+    tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
+                               steps=10_000)
+    cfg = tc.sae
     tx = make_optimizer(tc)
-    step = make_train_step(cfg, tx, make_mesh(1))
+    step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
     params, stats = init_arrays(cfg, jax.random.key(0))
     state = [params, stats, tx.init(params)]
 
@@ -102,7 +104,7 @@ def _naive_step(b, f, d, k):
     return run
 
 
-def _torch_step(seed, b, f, d, k):
+def _torch_step(seed_kernels, b, f, d, k):
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,7 +120,8 @@ def _torch_step(seed, b, f, d, k):
     def run(x):
         pre = (x - b_dec) @ w_enc.T + b_enc
         vals, idx = pre.topk(k, dim=1, sorted=True)
-        loss = seed.triton_hierarchical_sae_loss(idx, w_dec, torch.relu(vals), b_dec, x)
+        loss = seed_kernels.triton_hierarchical_sae_loss(idx, w_dec, torch.relu(vals), b_dec,
+                                                         x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -158,12 +161,12 @@ def _jax_peak() -> int | None:
 
 def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
     b, f, d = settings.batch, settings.n_latents, settings.d_model
-    seed = None
+    seed_kernels = None
     impls = [i for i in settings.impls if i != "torch"]
     if "torch" in settings.impls and settings.seed_module and backends.cuda_available():
         from hsae_jax.bench.loss import load_seed_module
 
-        seed = load_seed_module(settings.seed_module)
+        seed_kernels = load_seed_module(settings.seed_module)
         impls.append("torch")
     x = jax.random.normal(jax.random.key(1), (b, d), jnp.float32)
     rows = []
@@ -175,7 +178,7 @@ def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
                     import torch
 
                     xt = torch.from_dlpack(x).clone()
-                    run = _torch_step(seed, b, f, d, k)
+                    run = _torch_step(seed_kernels, b, f, d, k)
                     stats = common.time_calls(lambda r=run, xt=xt: r(xt), warmup=settings.warmup,
                                               iters=settings.iters, sync=_torch_sync)
                     row["peak_bytes"] = _torch_peak(run, xt)
@@ -256,7 +259,8 @@ def run_pieces(settings: StepBenchSettings, log=print) -> list[dict]:
             lambda w: jnp.sum(topk_encode(x, w, jnp.zeros((f,)), jnp.zeros((d,)), k,
                                           backend="reference")[0]))(w)), w, x, k=k)
     params = {"W_enc": w, "W_dec": w + 0.0, "b_enc": jnp.zeros((f,)), "b_dec": jnp.zeros((d,))}
-    tx = make_optimizer(TrainConfig(d_model=d, n_latents=f, k=8, batch_size=b, steps=10_000))
+    tx = make_optimizer(TrainConfig.from_flat(d_model=d, n_latents=f, k=8, batch_size=b,
+                                              steps=10_000))
     opt_state = tx.init(params)
     update = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
     timed("clip + Adam update", update, params, opt_state, params)
@@ -275,7 +279,7 @@ def run(settings: StepBenchSettings, log=print) -> dict:
     payload = {"benchmark": "training_step", "device": common.device_info(),
                "workload": dict(batch=b, n_latents=f, d_model=d), "steps": steps,
                "pieces": pieces}
-    common.write_json(settings.out, payload)
+    atomic_write_json(settings.out, payload)
     log("")
     log(common.markdown_table(steps, [
         ("k", "K", "d"), ("impl", "step", "s"), ("median_ms", "median ms", ".2f"),

@@ -27,40 +27,20 @@ import jax
 import jax.numpy as jnp
 
 from hsae_jax import backends
-from hsae_jax.loss.common import chunk_latents, safe_indices, weighted_row_sum
-from hsae_jax.segments import SegmentSumConfig, segment_row_sums
+from hsae_jax.backends import Backend
+from hsae_jax.encoder.config import SparseEncoderConfig
+from hsae_jax.segments import segment_row_sums
+from hsae_jax.sparse_rows import chunk_latents, safe_indices, weighted_row_sum
 from hsae_jax.topk import TopKConfig, top_k
 
-
-@dataclasses.dataclass(frozen=True)
-class SparseEncoderConfig:
-    """Launch settings of ``encoder_weight_grad_kernel`` (and the XLA chunk size).
-
-    block_pairs: (token, latent) pairs of one latent a program sums per step.
-    block_d: columns of D per program.
-    xla_chunk: latents per step of the XLA scans (the xla backend's dW_enc, and dx).
-    """
-
-    block_pairs: int = 8
-    block_d: int = 256
-    num_warps: int = 2
-    num_stages: int = 2
-    xla_chunk: int = 4
-
-    def segment_sum(self) -> SegmentSumConfig:
-        return SegmentSumConfig(self.block_pairs, self.block_d, self.num_warps, self.num_stages)
-
-    def validate(self) -> None:
-        self.segment_sum().validate("SparseEncoderConfig")
-        if self.xla_chunk < 1:
-            raise ValueError(f"SparseEncoderConfig.xla_chunk={self.xla_chunk} must be >= 1")
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Encoder:
     backend: str  # "triton" | "interpret" | "xla"
     k: int
-    topk_config: TopKConfig
+    topk_config: TopKConfig | None  # None on the xla backend
     config: SparseEncoderConfig
 
     def forward(self, x, w_enc, b_enc, b_dec):
@@ -76,7 +56,7 @@ class _Encoder:
             return _weight_grad_xla(indices, dpre, xc, f, self.config.xla_chunk)
         return segment_row_sums(
             indices.reshape(-1), dpre.reshape(-1), xc, f, pairs_per_row=indices.shape[1],
-            backend=self.backend, config=self.config.segment_sum())
+            backend=self.backend, config=self.config.segment_sum)
 
 
 def _weight_grad_xla(indices, dpre, xc, f, chunk):
@@ -133,7 +113,7 @@ def topk_encode(
     b_dec: jax.Array,  # [D]
     k: int,
     *,
-    backend: str = "auto",
+    backend: Backend = "auto",
     topk_config: TopKConfig | None = None,
     config: SparseEncoderConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -144,27 +124,35 @@ def topk_encode(
     ``"triton"`` / ``"interpret"`` / ``"xla"`` picks top-k and the sparse backward;
     ``"reference"`` is plain autodiff through the dense matmul and ``lax.top_k`` (the
     naive path); ``"auto"``: triton on a CUDA GPU, else xla. Differentiable in x,
-    w_enc, b_enc and b_dec.
+    w_enc, b_enc and b_dec. ``topk_config`` configures the top-k of the kernel backends,
+    ``config`` (:class:`SparseEncoderConfig`) the backward of every backend but
+    ``"reference"``.
     """
     for name, arr, rank in (("x", x, 2), ("w_enc", w_enc, 2), ("b_enc", b_enc, 1),
                             ("b_dec", b_dec, 1)):
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
         if len(arr.shape) != rank:
             raise ValueError(f"{name} must have rank {rank}, got shape {tuple(arr.shape)}")
+        if jnp.dtype(arr.dtype) not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {jnp.dtype(arr.dtype)}; expected float32, "
+                            "bfloat16 or float16")
     f, d = w_enc.shape
     if x.shape[1] != d or b_enc.shape != (f,) or b_dec.shape != (d,):
         raise ValueError(
             f"shapes do not match: x {tuple(x.shape)} must be [B, D={d}], b_enc "
             f"{tuple(b_enc.shape)} must be [F={f}], b_dec {tuple(b_dec.shape)} must be [D={d}]"
         )
-    concrete = backends.resolve_backend(backend)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= f:
+        raise ValueError(f"k={k!r} must be an int in [1, F={f}] (w_enc.shape={(f, d)})")
+    concrete, config = backends.resolve(backend, config, kernel_config=SparseEncoderConfig,
+                                        xla_config=SparseEncoderConfig)
+    _, topk_config = backends.resolve(backend, topk_config, kernel_config=TopKConfig,
+                                      argument="topk_config")
     if concrete == "reference":
         pre = jnp.dot(x - b_dec.astype(x.dtype), w_enc.T.astype(x.dtype),
                       preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
         values, indices = jax.lax.top_k(pre, k)
         return jax.nn.relu(values), indices
-    if config is not None and not isinstance(config, SparseEncoderConfig):
-        raise TypeError(f"config must be a SparseEncoderConfig, got {type(config).__name__}")
-    config = config or SparseEncoderConfig()
-    config.validate()
-    enc = _Encoder(concrete, k, topk_config or TopKConfig(), config)
+    enc = _Encoder(concrete, k, topk_config, config)
     return _encode(enc, x, w_enc, b_enc, b_dec)

@@ -2,21 +2,23 @@
 
 from hsae_jax.loss.api import hierarchical_sae_loss, hierarchical_sae_prefix_sse, topk_sae_loss
 from hsae_jax.loss.config import (
-    FusedConfig,
+    BACKWARD_WALK,
+    FORWARD_WALK,
+    FUSED_WALK,
     PrefixSseConfig,
-    SeedBackwardConfig,
-    SeedForwardConfig,
     TritonLossConfig,
+    WalkConfig,
+    XlaLossConfig,
 )
 from hsae_jax.loss.reference import prefix_sse_reference
-from hsae_jax.loss.xla import XlaLossConfig
 
 __all__ = [
-    "FusedConfig",
+    "BACKWARD_WALK",
+    "FORWARD_WALK",
+    "FUSED_WALK",
     "PrefixSseConfig",
-    "SeedBackwardConfig",
-    "SeedForwardConfig",
     "TritonLossConfig",
+    "WalkConfig",
     "XlaLossConfig",
     "hierarchical_sae_loss",
     "hierarchical_sae_prefix_sse",

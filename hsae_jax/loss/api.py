@@ -11,35 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsae_jax import backends
-from hsae_jax.loss.common import combine_prefix_sse, normalized_prefix_weights
-from hsae_jax.loss.config import TritonLossConfig
+from hsae_jax.backends import Backend
+from hsae_jax.loss.config import TritonLossConfig, XlaLossConfig
+from hsae_jax.loss.prefix_weights import combine_prefix_sse, normalized_prefix_weights
 from hsae_jax.loss.reference import prefix_sse_reference
 from hsae_jax.loss.triton_loss import TritonLoss
 from hsae_jax.loss.validation import check_loss_inputs
-from hsae_jax.loss.xla import XlaLoss, XlaLossConfig
+from hsae_jax.loss.xla import XlaLoss
 
 LossConfig = TritonLossConfig | XlaLossConfig
 
 
-def _implementation(backend: str, config: LossConfig | None):
-    """The implementation object for a user-facing backend name (None: reference)."""
-    concrete = backends.resolve_backend(backend)
-    if config is not None and not isinstance(config, (TritonLossConfig, XlaLossConfig)):
-        raise TypeError(
-            f"config must be a TritonLossConfig or XlaLossConfig, got {type(config).__name__}"
-        )
-    wants_triton = concrete in backends.KERNEL_BACKENDS
-    if backend != "auto" and config is not None and (
-        isinstance(config, TritonLossConfig) != wants_triton or concrete == "reference"
-    ):
-        raise TypeError(f"config={config!r} does not configure backend={backend!r}")
+def _implementation(backend: Backend, config: LossConfig | None):
+    """The implementation object for ``backend`` and ``config`` (None: reference)."""
+    concrete, config = backends.resolve(backend, config, kernel_config=TritonLossConfig,
+                                        xla_config=XlaLossConfig)
     if concrete == "reference":
         return None
-    if wants_triton:
-        cfg = config if isinstance(config, TritonLossConfig) else TritonLossConfig()
-        cfg.validate()
-        return TritonLoss(concrete, cfg)
-    return XlaLoss(config if isinstance(config, XlaLossConfig) else XlaLossConfig())
+    if concrete in backends.KERNEL_BACKENDS:
+        return TritonLoss(concrete, config)
+    return XlaLoss(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +94,7 @@ def hierarchical_sae_loss(
     target: jax.Array,  # [B, D]
     *,
     prefix_weights: jax.Array | None = None,  # [K]
-    backend: str = "auto",
+    backend: Backend = "auto",
     config: LossConfig | None = None,
 ) -> jax.Array:
     """HierarchicalTopK decoder loss: the mean squared error of every prefix reconstruction.
@@ -157,7 +148,7 @@ def topk_sae_loss(
     bias: jax.Array,  # [D]
     target: jax.Array,  # [B, D]
     *,
-    backend: str = "auto",
+    backend: Backend = "auto",
     config: LossConfig | None = None,
 ) -> jax.Array:
     """Plain TopK SAE loss: mean_{b,d} of the full-K reconstruction's squared error.
@@ -178,7 +169,7 @@ def hierarchical_sae_prefix_sse(
     bias: jax.Array,  # [D]
     target: jax.Array,  # [B, D]
     *,
-    backend: str = "auto",
+    backend: Backend = "auto",
     config: LossConfig | None = None,
 ) -> jax.Array:
     """[B, K] float32: sum over D of the squared error of every prefix reconstruction.

@@ -1,7 +1,8 @@
-"""Static configuration of the decoder-loss kernels: block sizes, warps, stages.
+"""Static configuration of the decoder-loss backends: block sizes, warps, stages.
 
-One frozen, hashable dataclass per kernel; ``None`` fields are filled per shape by
-``resolve``. Defaults are measured (benchmarks/sweep_loss.py, benchmarks/NOTES.md).
+One frozen, hashable dataclass per kernel, validated when it is made; ``None`` fields
+are filled per shape by ``resolve``. Defaults are measured (benchmarks/sweep_loss.py,
+benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -12,49 +13,24 @@ from typing import Literal
 from hsae_jax import _shapes
 from hsae_jax.segments import SegmentSumConfig
 
-Variant = Literal["auto", "fused", "two_pass"]
-VARIANTS = ("auto", "fused", "two_pass")
+Variant = Literal["fused", "two_pass"]
+VARIANTS = ("fused", "two_pass")
 
 PREFIX_SSE_TILE_ELEMENTS = 4096  # [BLOCK_B, K_POW2, BLOCK_D] float32 elements per program
 PREFIX_SSE_MAX_K_POW2 = 1024  # larger K computes the prefix SSE with the xla backend
-TARGET_PROGRAMS = 1024  # D is split until a launch has about this many programs
+TARGET_PROGRAMS = 1024  # walks: BLOCK_B shrinks for small B until about this many programs
 
 
 @dataclasses.dataclass(frozen=True)
-class SeedForwardConfig:
-    """``hierarchical_sae_forward_kernel`` launch settings.
+class WalkConfig:
+    """Launch settings of a kernel that walks the K latents of [BLOCK_B, BLOCK_D] tiles.
 
-    The seed launches it with 1 x 64 tiles, 2 warps; with the software-pipelined walk
-    4 x 128 tiles, 4 warps are 1.2-2.5x faster (benchmarks/sweep_loss.py on an H200).
-    """
-
-    block_b: int = 4
-    block_d: int = 128
-    loop_num_stages: int = 4
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class SeedBackwardConfig:
-    """``hierarchical_sae_backward_kernel`` launch settings (the seed's, except 4 loop
-    stages: the pipelined walk with the seed's 16 is 1.1-1.3x slower)."""
-
-    block_b: int = 16
-    block_d: int = 32
-    loop_num_stages: int = 4
-    num_warps: int = 8
-    num_stages: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedConfig:
-    """``hierarchical_sae_fused_kernel`` launch settings.
-
-    Defaults from benchmarks/sweep_loss.py on an H200 (B=4096, F=65536, D=2304, K in
-    {32, 128}, uniform and Zipf indices): BLOCK_B=4, BLOCK_D=64, 2 warps, 4 loop stages
-    was best or within 5% of best in every case.
-    block_b: rows per program (None: 4, fewer for small B so the grid fills the GPU).
+    block_b: rows per program (a power of two; None: 4, fewer for small B so that a
+      launch keeps about 1024 programs).
+    block_d: columns of D per program (a power of two).
+    loop_num_stages: software-pipelining depth of the walk over K (the gathers are issued
+      this many steps minus one ahead).
+    num_warps, num_stages: Triton's launch settings.
     """
 
     block_b: int | None = None
@@ -63,15 +39,33 @@ class FusedConfig:
     num_warps: int = 2
     num_stages: int = 2
 
-    def resolve(self, b: int, d: int) -> FusedConfig:
-        block_b = self.block_b
-        if block_b is None:
-            block_b = 4
-            while block_b > 1 and _shapes.cdiv(b, block_b) * _shapes.cdiv(d, self.block_d) < (
-                    TARGET_PROGRAMS):
-                block_b //= 2
-        _check_power_of_two("FusedConfig", block_b=block_b, block_d=self.block_d)
+    def __post_init__(self):
+        _shapes.check_power_of_two("WalkConfig", block_b=self.block_b, block_d=self.block_d)
+        _shapes.check_positive("WalkConfig", loop_num_stages=self.loop_num_stages,
+                               num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def resolve(self, b: int, d: int) -> WalkConfig:
+        """These settings with ``block_b`` chosen for B rows of D columns."""
+        if self.block_b is not None:
+            return self
+        block_b = 4
+        while block_b > 1 and _shapes.cdiv(b, block_b) * _shapes.cdiv(d, self.block_d) < (
+                TARGET_PROGRAMS):
+            block_b //= 2
         return dataclasses.replace(self, block_b=block_b)
+
+
+# Defaults from benchmarks/sweep_loss.py on an H200 (B=4096, F=65536, D=2304, K in
+# {32, 128}, uniform and Zipf indices).
+FUSED_WALK = WalkConfig(block_b=None, block_d=64, loop_num_stages=4, num_warps=2)
+"""The fused kernel: 4 x 64 tiles, 2 warps, 4 loop stages were best or within 5% of best."""
+FORWARD_WALK = WalkConfig(block_b=4, block_d=128, loop_num_stages=4, num_warps=4)
+"""The two-pass forward kernel: the seed's 1 x 64 tiles, 2 warps are 1.2-2.5x slower with
+the software-pipelined walk than 4 x 128 tiles, 4 warps."""
+BACKWARD_WALK = WalkConfig(block_b=16, block_d=32, loop_num_stages=4, num_warps=8,
+                           num_stages=8)
+"""The two-pass backward kernel: the seed's settings, except 4 loop stages (with the
+seed's 16 the pipelined walk is 1.1-1.3x slower)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +81,12 @@ class PrefixSseConfig:
     num_warps: int | None = None
     num_stages: int = 2
 
+    def __post_init__(self):
+        _shapes.check_power_of_two("PrefixSseConfig", block_b=self.block_b,
+                                   block_d=self.block_d)
+        _shapes.check_positive("PrefixSseConfig", d_split=self.d_split,
+                               num_warps=self.num_warps, num_stages=self.num_stages)
+
     def resolve(self, b: int, k: int, d: int) -> PrefixSseConfig:
         k_pow2 = _shapes.next_power_of_2(k)
         block_d = self.block_d or min(
@@ -96,7 +96,6 @@ class PrefixSseConfig:
             16, _shapes.next_power_of_2(b),
             max(1, PREFIX_SSE_TILE_ELEMENTS // (k_pow2 * block_d)),
         )
-        _check_power_of_two("PrefixSseConfig", block_b=block_b, block_d=block_d)
         d_tiles = _shapes.cdiv(d, block_d)
         d_split = self.d_split or max(
             1, min(d_tiles, _shapes.cdiv(TARGET_PROGRAMS, _shapes.cdiv(b, block_b)))
@@ -109,51 +108,64 @@ class PrefixSseConfig:
         return _shapes.cdiv(_shapes.cdiv(d, self.block_d), self.d_split)
 
 
-def _check_power_of_two(owner: str, **values: int) -> None:
-    for name, value in values.items():
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{owner}.{name}={value} must be a power of two")
-
-
 @dataclasses.dataclass(frozen=True)
 class TritonLossConfig:
-    """Configuration of the ``"triton"`` and ``"interpret"`` backends.
+    """Configuration of the ``"triton"`` and ``"interpret"`` backends of the decoder loss.
 
     variant: ``"fused"`` (forward and backward walks in one kernel: one gather from
-      memory, one scatter; the default), ``"two_pass"`` (the seed's forward kernel, then
-      its backward kernel), or ``"auto"`` (fused).
+      memory, one scatter; the default) or ``"two_pass"`` (the seed's forward kernel,
+      then its backward kernel).
     deterministic: loss and gradients bitwise the same on every run (no float atomics):
       the fused kernel stores each (row, latent) pair's gradient share, a chunk of rows
       at a time (at most F * D floats), and ``segment_row_sums`` adds them per latent in
       a fixed order. Slower (benchmarks/NOTES.md); needs the fused variant.
+    fused, forward, backward: the walks' launch settings (fused kernel; two-pass forward
+      and backward kernels).
+    prefix_sse: the per-prefix SSE kernel (evaluation, prefix-weight gradients).
+    segment_sum: the per-latent sums of the deterministic mode.
     """
 
-    variant: Variant = "auto"
+    variant: Variant = "fused"
     deterministic: bool = False
-    fused: FusedConfig = FusedConfig()
-    seed_forward: SeedForwardConfig = SeedForwardConfig()
-    seed_backward: SeedBackwardConfig = SeedBackwardConfig()
+    fused: WalkConfig = FUSED_WALK
+    forward: WalkConfig = FORWARD_WALK
+    backward: WalkConfig = BACKWARD_WALK
     prefix_sse: PrefixSseConfig = PrefixSseConfig()
     segment_sum: SegmentSumConfig = SegmentSumConfig()
 
-    def resolve_variant(self) -> str:
-        return "fused" if self.variant == "auto" else self.variant
-
-    def validate(self) -> None:
-        """Raises ValueError for a setting no kernel accepts (before anything runs)."""
+    def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"TritonLossConfig.variant={self.variant!r} must be one of {VARIANTS}")
+            raise ValueError(f"TritonLossConfig.variant={self.variant!r} must be one of "
+                             f"{VARIANTS}")
         if self.deterministic and self.variant == "two_pass":
             raise ValueError("TritonLossConfig.deterministic=True runs the fused kernel; "
                              "variant='two_pass' adds gradients with float atomics")
-        self.segment_sum.validate("TritonLossConfig.segment_sum")
-        for owner, cfg in (("FusedConfig", self.fused), ("SeedForwardConfig", self.seed_forward),
-                           ("SeedBackwardConfig", self.seed_backward),
-                           ("PrefixSseConfig", self.prefix_sse)):
-            sizes = {n: getattr(cfg, n) for n in ("block_b", "block_d")
-                     if getattr(cfg, n) is not None}
-            _check_power_of_two(owner, **sizes)
-            for name in ("num_warps", "num_stages", "loop_num_stages", "d_split"):
-                value = getattr(cfg, name, None)
-                if value is not None and value < 1:
-                    raise ValueError(f"{owner}.{name}={value} must be >= 1")
+        for name, kind in (("fused", WalkConfig), ("forward", WalkConfig),
+                           ("backward", WalkConfig), ("prefix_sse", PrefixSseConfig),
+                           ("segment_sum", SegmentSumConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"TritonLossConfig.{name} must be a {kind.__name__}, got "
+                                f"{type(getattr(self, name)).__name__}")
+
+
+_CHUNK_ELEMENTS = 1 << 25  # float32 elements of one [B, chunk, D] temporary (128 MiB)
+_MAX_CHUNK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaLossConfig:
+    """Configuration of the ``"xla"`` backend of the decoder loss.
+
+    chunk: latents processed per scan step (the [B, chunk, D] tile); None picks
+      ``min(K, 8, 2**25 // (B * D))``, at least 1.
+    """
+
+    chunk: int | None = None
+
+    def __post_init__(self):
+        _shapes.check_positive("XlaLossConfig", chunk=self.chunk)
+
+    def resolve(self, b: int, k: int, d: int) -> int:
+        if self.chunk is not None:
+            return min(self.chunk, k)
+        return max(1, min(k, _MAX_CHUNK, _CHUNK_ELEMENTS // (b * d)))

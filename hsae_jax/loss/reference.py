@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.loss.common import gather_rows
+from hsae_jax.sparse_rows import gather_rows
 
 
 def prefix_sse_reference(

@@ -12,14 +12,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from hsae_jax import _shapes
-from hsae_jax.loss.config import PREFIX_SSE_MAX_K_POW2, TritonLossConfig
+from hsae_jax import _shapes, backends
+from hsae_jax.loss.config import PREFIX_SSE_MAX_K_POW2, TritonLossConfig, WalkConfig
 from hsae_jax.loss.xla import XlaLoss
 from hsae_jax.segments import segment_row_sums
-from hsae_jax.triton_launch import kernel_module, launch
-
-_SEED = "hsae_jax.loss.seed_kernels"
-_PREFIX_SSE = "hsae_jax.loss.prefix_sse_kernels"
+from hsae_jax.triton_launch import launch
 
 
 def _f32(*shape: int) -> jax.ShapeDtypeStruct:
@@ -39,33 +36,37 @@ class TritonLoss:
     config: TritonLossConfig = TritonLossConfig()
     uniform_coef: bool = False
 
-    def _launch(self, module, kernel_name, args, out_shape, grid, zeroed, cfg, **constexprs):
-        kernel = getattr(kernel_module(module, self.backend), kernel_name)
-        return launch(kernel, *args, out_shape=out_shape, grid=grid, backend=self.backend,
-                      zeroed_outputs=zeroed, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, **constexprs)
+    def _kernels(self):
+        """walk_kernels.py, imported once Triton's mode for this backend is fixed."""
+        backends.import_triton_for(self.backend)
+        from hsae_jax.loss import walk_kernels
 
-    def _walk(self, kernel_name, args, out_shape, zeroed, cfg, b, f, k, d, **constexprs):
-        """Launches one of the seed-derived kernels that walk the K latents."""
-        return self._launch(
-            _SEED, kernel_name, args, out_shape,
-            (_shapes.cdiv(b, cfg.block_b), _shapes.cdiv(d, cfg.block_d)), zeroed, cfg,
-            B=b, F=f, D=d, K=k, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
-            UNIFORM_COEF=self.uniform_coef, LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
+        return walk_kernels
 
-    def _seed_forward(self, indices, weight, vals, bias, target, coef):
-        """([B] loss per row, [B, D] float32 final reconstruction)."""
+    def _walk(self, kernel, args, out_shape, zeroed, cfg: WalkConfig, b, f, k, d,
+              **constexprs):
+        """Launches ``kernel``, one of the walks of walk_kernels.py (``cfg`` resolved)."""
+        return launch(
+            kernel, *args, out_shape=out_shape,
+            grid=(_shapes.cdiv(b, cfg.block_b), _shapes.cdiv(d, cfg.block_d)),
+            backend=self.backend, zeroed_outputs=zeroed, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, B=b, F=f, D=d, K=k, BLOCK_B=cfg.block_b,
+            BLOCK_D=cfg.block_d, UNIFORM_COEF=self.uniform_coef,
+            LOOP_NUM_STAGES=cfg.loop_num_stages, **constexprs)
+
+    def _two_pass_forward(self, indices, weight, vals, bias, target, coef):
+        """([B] loss per row, [B, D] float32 final reconstruction): the forward kernel."""
         b, k = indices.shape
         f, d = weight.shape
-        cfg = self.config.seed_forward
+        cfg = self.config.forward.resolve(b, d)
+        args = (indices, weight, bias, vals, target, coef)
+        kernel = self._kernels().hierarchical_sae_forward_kernel
         if not self.config.deterministic:
-            return self._walk("hierarchical_sae_forward_kernel",
-                              (indices, weight, bias, vals, target, coef),
-                              [_f32(b), _f32(b, d)], (0,), cfg, b, f, k, d, DETERMINISTIC=False)
+            return self._walk(kernel, args, [_f32(b), _f32(b, d)], (0,), cfg, b, f, k, d,
+                              DETERMINISTIC=False)
         loss_parts, final_recon = self._walk(
-            "hierarchical_sae_forward_kernel", (indices, weight, bias, vals, target, coef),
-            [_f32(_shapes.cdiv(d, cfg.block_d), b), _f32(b, d)], (), cfg, b, f, k, d,
-            DETERMINISTIC=True)
+            kernel, args, [_f32(_shapes.cdiv(d, cfg.block_d), b), _f32(b, d)], (), cfg,
+            b, f, k, d, DETERMINISTIC=True)
         return jnp.sum(loss_parts, axis=0), final_recon
 
     def _fused(self, indices, weight, vals, bias, target, coef):
@@ -74,7 +75,8 @@ class TritonLoss:
         f, d = weight.shape
         cfg = self.config.fused.resolve(b, d)
         loss_rows, dweight, dvals, resid_sum = self._walk(
-            "hierarchical_sae_fused_kernel", (indices, weight, bias, vals, target, coef),
+            self._kernels().hierarchical_sae_fused_kernel,
+            (indices, weight, bias, vals, target, coef),
             [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d,
             K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=False)
         return loss_rows, (dweight, dvals, resid_sum)
@@ -106,7 +108,8 @@ class TritonLoss:
         def chunk(dweight, xs):
             idx_c, vals_c, target_c = xs
             loss_parts, pair_suffix, dvals_parts, resid_sum = self._walk(
-                "hierarchical_sae_fused_kernel", (idx_c, weight, bias, vals_c, target_c, coef),
+                self._kernels().hierarchical_sae_fused_kernel,
+                (idx_c, weight, bias, vals_c, target_c, coef),
                 [_f32(d_tiles, rows), _f32(rows * k, d), _f32(d_tiles, rows, k),
                  _f32(rows, d)], (), cfg, rows, f, k, d,
                 K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=True)
@@ -127,7 +130,7 @@ class TritonLoss:
 
     def loss_rows(self, indices, weight, vals, bias, target, coef):
         """[B] float32: sum_k coef_k * ||recon_k - target||^2 per row (forward only)."""
-        return self._seed_forward(indices, weight, vals, bias, target, coef)[0]
+        return self._two_pass_forward(indices, weight, vals, bias, target, coef)[0]
 
     def forward(self, indices, weight, vals, bias, target, coef):
         """Returns ([B] loss per row, residuals for :meth:`backward`).
@@ -135,9 +138,9 @@ class TritonLoss:
         The fused variant computes the gradients here, in the same kernel, and keeps them
         as the residuals; the two-pass variant keeps the final reconstruction.
         """
-        if self.config.resolve_variant() == "two_pass":
-            loss_rows, final_recon = self._seed_forward(indices, weight, vals, bias, target,
-                                                        coef)
+        if self.config.variant == "two_pass":
+            loss_rows, final_recon = self._two_pass_forward(indices, weight, vals, bias,
+                                                            target, coef)
             return loss_rows, (indices, weight, vals, target, final_recon)
         if self.config.deterministic:
             return self._fused_deterministic(indices, weight, vals, bias, target, coef)
@@ -145,15 +148,15 @@ class TritonLoss:
 
     def backward(self, residuals, coef, cotangent):
         """Returns (dweight [F, D], dvals [B, K], resid_sum [B, D]) float32, times cotangent."""
-        if self.config.resolve_variant() == "fused":
+        if self.config.variant == "fused":
             return tuple(cotangent * g for g in residuals)
         indices, weight, vals, target, final_recon = residuals
         b, k = indices.shape
         f, d = weight.shape
         return tuple(self._walk(  # the cotangent rides in the coefficients: no extra pass
-            "hierarchical_sae_backward_kernel",
+            self._kernels().hierarchical_sae_backward_kernel,
             (final_recon, indices, weight, vals, target, coef * cotangent),
-            [_f32(f, d), _f32(b, k), _f32(b, d)], (0, 1), self.config.seed_backward,
+            [_f32(f, d), _f32(b, k), _f32(b, d)], (0, 1), self.config.backward.resolve(b, d),
             b, f, k, d, K_POW2=_shapes.next_power_of_2(k)))
 
     def prefix_sse(self, indices, weight, vals, bias, target):
@@ -163,10 +166,14 @@ class TritonLoss:
         if _shapes.next_power_of_2(k) > PREFIX_SSE_MAX_K_POW2:
             return XlaLoss().prefix_sse(indices, weight, vals, bias, target)
         cfg = self.config.prefix_sse.resolve(b, k, d)
-        (sse,) = self._launch(
-            _PREFIX_SSE, "hierarchical_sae_prefix_sse_kernel",
-            (indices, weight, bias, vals, target), [_f32(cfg.d_split, b, k)],
-            (_shapes.cdiv(b, cfg.block_b), cfg.d_split), (), cfg,
+        backends.import_triton_for(self.backend)
+        from hsae_jax.loss import prefix_sse_kernels
+
+        (sse,) = launch(
+            prefix_sse_kernels.hierarchical_sae_prefix_sse_kernel,
+            indices, weight, bias, vals, target, out_shape=[_f32(cfg.d_split, b, k)],
+            grid=(_shapes.cdiv(b, cfg.block_b), cfg.d_split), backend=self.backend,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             B=b, F=f, D=d, K=k, K_POW2=_shapes.next_power_of_2(k), BLOCK_B=cfg.block_b,
             BLOCK_D=cfg.block_d, TILES_PER_SPLIT=cfg.tiles_per_split(d))
         return jnp.sum(sse, axis=0)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 INDEX_DTYPES = (jnp.dtype(jnp.int32), jnp.dtype(jnp.int64))
-
-
-class LossShape(NamedTuple):
-    b: int
-    k: int
-    f: int
-    d: int
 
 
 def _shape_dtype(name: str, x) -> tuple[tuple[int, ...], np.dtype]:
@@ -38,8 +29,8 @@ def _check_float(name: str, dtype: np.dtype) -> None:
         )
 
 
-def check_loss_inputs(indices, weight, vals, bias, target, prefix_weights=None) -> LossShape:
-    """Validates shapes and dtypes; returns (B, K, F, D). Raises ValueError / TypeError."""
+def check_loss_inputs(indices, weight, vals, bias, target, prefix_weights=None) -> None:
+    """Validates shapes and dtypes (ValueError / TypeError naming the argument)."""
     idx_shape, idx_dtype = _shape_dtype("indices", indices)
     w_shape, w_dtype = _shape_dtype("weight", weight)
     v_shape, v_dtype = _shape_dtype("vals", vals)
@@ -87,4 +78,3 @@ def check_loss_inputs(indices, weight, vals, bias, target, prefix_weights=None) 
                     "prefix_weights must be finite and non-negative with a positive sum, "
                     f"got {w.tolist() if w.size <= 16 else w}"
                 )
-    return LossShape(b, k, f, d)

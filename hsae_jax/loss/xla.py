@@ -15,28 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.loss.common import chunk_latents, safe_indices, unchunk_latents
-
-_CHUNK_ELEMENTS = 1 << 25  # float32 elements of one [B, chunk, D] temporary (128 MiB)
-_MAX_CHUNK = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class XlaLossConfig:
-    """Static configuration of the xla backend.
-
-    chunk: latents processed per scan step (the [B, chunk, D] tile); None picks
-      ``min(K, 8, 2**25 // (B * D))``, at least 1.
-    """
-
-    chunk: int | None = None
-
-    def resolve(self, b: int, k: int, d: int) -> int:
-        if self.chunk is not None:
-            if self.chunk < 1:
-                raise ValueError(f"XlaLossConfig.chunk={self.chunk} must be >= 1")
-            return min(self.chunk, k)
-        return max(1, min(k, _MAX_CHUNK, _CHUNK_ELEMENTS // (b * d)))
+from hsae_jax.loss.config import XlaLossConfig
+from hsae_jax.sparse_rows import chunk_latents, safe_indices, unchunk_latents
 
 
 @dataclasses.dataclass(frozen=True)

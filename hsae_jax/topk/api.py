@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from hsae_jax import _shapes, backends
+from hsae_jax.backends import Backend
 from hsae_jax.topk.config import TopKConfig
-from hsae_jax.triton_launch import kernel_module, launch
+from hsae_jax.triton_launch import launch
 
-_KERNELS = "hsae_jax.topk.kernels"
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -29,7 +29,9 @@ class _KernelTopK:
 
     def __call__(self, x):  # [B, F] -> ([B, K] x.dtype, [B, K] int32)
         cfg = self.config.resolve(x.shape[1], self.k)
-        module = kernel_module(_KERNELS, self.backend)
+        backends.import_triton_for(self.backend)
+        from hsae_jax.topk import kernels as module
+
         opts = dict(backend=self.backend, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.method == "threshold":
             return self._threshold(module, cfg, opts, x)
@@ -113,7 +115,7 @@ def top_k(
     x: jax.Array,  # [..., F]
     k: int,
     *,
-    backend: str = "auto",
+    backend: Backend = "auto",
     config: TopKConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The k largest entries of each row of ``x`` and their column indices.
@@ -123,7 +125,7 @@ def top_k(
       k: 1 <= k <= F, a Python int.
       backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"`` (``jax.lax.top_k``) or
         ``"reference"`` (the same).
-      config: :class:`TopKConfig` for the kernel backends.
+      config: :class:`TopKConfig` for the kernel backends (the xla backend takes none).
 
     Returns:
       (values [..., k] in x.dtype, indices [..., k] int32): values sorted descending,
@@ -134,16 +136,14 @@ def top_k(
       positions.
     """
     f = check_top_k_inputs(x, k)
-    concrete = backends.resolve_backend(backend)
-    if config is not None and not isinstance(config, TopKConfig):
-        raise TypeError(f"config must be a TopKConfig, got {type(config).__name__}")
+    concrete, config = backends.resolve(backend, config, kernel_config=TopKConfig)
     if concrete in ("xla", "reference"):
         return jax.lax.top_k(x, k)
     lead = x.shape[:-1]
     rows = 1
     for size in lead:
         rows *= size
-    impl = _KernelTopK(concrete, config or TopKConfig(), k)
+    impl = _KernelTopK(concrete, config, k)
     impl.config.resolve(f, k)  # bad settings fail here, before anything runs
     values, indices = _kernel_top_k(impl, x.reshape(rows, f))
     return values.reshape(*lead, k), indices.reshape(*lead, k)

@@ -12,11 +12,6 @@ METHODS = ("auto", "threshold", "bitonic")
 MAX_AUTO_CANDIDATES = 2048
 
 
-def _check_power_of_two(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
-        raise ValueError(f"TopKConfig.{name}={value} must be a power of two")
-
-
 @dataclasses.dataclass(frozen=True)
 class TopKConfig:
     """Launch settings of the Triton top-k.
@@ -51,12 +46,18 @@ class TopKConfig:
     num_warps: int | None = None
     num_stages: int = 1
 
-    def resolve(self, f: int, k: int) -> TopKConfig:
-        """Concrete settings for rows of ``f`` columns and ``k`` outputs; checks them."""
+    def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"TopKConfig.method={self.method!r} must be one of {METHODS}")
-        for name in ("groups", "candidates", "block", "chunk", "group"):
-            _check_power_of_two(name, getattr(self, name))
+        _shapes.check_power_of_two("TopKConfig", groups=self.groups,
+                                   candidates=self.candidates, block=self.block,
+                                   chunk=self.chunk, group=self.group)
+        _shapes.check_positive("TopKConfig", num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+
+    def resolve(self, f: int, k: int) -> TopKConfig:
+        """Concrete settings for rows of ``f`` columns and ``k`` outputs; checks the limits
+        that depend on them."""
         k_pow2 = max(2, _shapes.next_power_of_2(k))
         f_pow2 = max(k_pow2, _shapes.next_power_of_2(f))
         groups = max(k_pow2, self.groups or min(4 * k_pow2, f_pow2))
@@ -71,8 +72,6 @@ class TopKConfig:
         if method == "threshold" and block > 32768:
             raise ValueError(f"TopKConfig.block={block} (>= groups) must be <= 32768 for the "
                              "threshold method (ranks are counted in 16 bits per step)")
-        if self.num_warps is not None and self.num_warps < 1:
-            raise ValueError(f"TopKConfig.num_warps={self.num_warps} must be >= 1")
         num_warps = self.num_warps or (4 if method == "threshold" else 8)
         return dataclasses.replace(
             self, method=method, groups=groups, candidates=candidates, block=block,

@@ -1,64 +1,143 @@
-"""Every setting of ``hsae train``, with its default and help, in one place."""
+"""Every setting of ``hsae train``, with its default and help, in one place.
+
+``TrainConfig`` holds the model's :class:`SAEConfig` (``sae``) and the settings of the run
+itself; the command line is flat (``--n-latents`` sets ``sae.n_latents``, ``--steps``
+sets ``steps``): :meth:`TrainConfig.from_flat` and :meth:`TrainConfig.to_flat` map
+between the two.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
+
+from hsae_jax import backends
+from hsae_jax.data import SyntheticConfig, open_source
+from hsae_jax.kernel_settings import KernelSettings
+from hsae_jax.model import SAEConfig, setting
+
+SAE_FIELDS = tuple(f.name for f in dataclasses.fields(SAEConfig))
 
 
-def _f(default, help: str, **kw):  # noqa: A002 - argparse's word
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # the SAE
-    d_model: int = _f(64, "D: activation width (ignored with --data: the file's width)")
-    n_latents: int = _f(512, "F: number of latents")
-    k: int = _f(16, "K: latents kept per token (the largest budget)")
-    objective: str = _f("hierarchical", "hierarchical (every budget k <= K) or topk")
-    budgets: str | None = _f(None, "comma-separated budgets to train for (default: all 1..K)")
-    auxk_coef: float = _f(1.0 / 32.0, "weight of the AuxK loss on dead latents (0: off)")
-    aux_k: int | None = _f(None, "latents used by AuxK (default: min(D/2, F))")
-    dead_tokens: int = _f(200_000, "a latent not fired for this many tokens is dead")
-    compute_dtype: str = _f("float32", "float32 or bfloat16 encoder/decoder inputs")
-    backend: str = _f("auto", "auto, triton, interpret, xla or reference")
+    sae: SAEConfig = SAEConfig()
+    # what runs the ops (not part of the model)
+    backend: str = setting("auto", "auto, triton, interpret, xla or reference")
+    deterministic: bool = setting(
+        False, "bitwise-reproducible loss and gradients on the Triton kernels (slower)")
     # optimisation
-    batch_size: int = _f(1024, "tokens per step (split over all devices)")
-    steps: int = _f(2000, "optimizer steps")
-    lr: float | None = _f(None, "peak Adam learning rate (default: 2e-4 / sqrt(F / 2^14))")
-    warmup_steps: int = _f(100, "linear warm-up steps")
-    decay_fraction: float = _f(0.2, "linear decay to 0 over this final fraction of steps")
-    clip_norm: float = _f(1.0, "global gradient-norm clip (0: off)")
-    seed: int = _f(0, "seed of the initialisation and the data order")
+    batch_size: int = setting(1024, "tokens per step (split over all devices)")
+    steps: int = setting(2000, "optimizer steps")
+    lr: float | None = setting(None, "peak Adam learning rate (default: 2e-4 / sqrt(F / 2^14))")
+    warmup_steps: int = setting(100, "linear warm-up steps")
+    decay_fraction: float = setting(0.2, "linear decay to 0 over this final fraction of steps")
+    clip_norm: float = setting(1.0, "global gradient-norm clip (0: off)")
+    seed: int = setting(0, "seed of the initialisation and the data order")
     # data
-    data: str | None = _f(None, "activations file [N, D] (.npy or .safetensors); "
-                          "default: the embedded synthetic generator")
-    data_key: str | None = _f(None, "tensor name inside a .safetensors file")
-    synthetic_features: int = _f(256, "synthetic data: number of true features")
-    synthetic_active: float = _f(12.0, "synthetic data: mean active features per token")
+    data: str | None = setting(None, "activations file [N, D] (.npy or .safetensors); "
+                               "default: the embedded synthetic generator")
+    data_key: str | None = setting(None, "tensor name inside a .safetensors file")
+    synthetic_features: int = setting(256, "synthetic data: number of true features")
+    synthetic_active: float = setting(12.0, "synthetic data: mean active features per token")
     # bookkeeping
-    log_every: int = _f(50, "steps between progress/metrics.jsonl records")
-    eval_every: int = _f(500, "steps between evaluations (FVU at every k)")
-    eval_batches: int = _f(4, "batches per evaluation")
-    save_every: int = _f(500, "steps between checkpoints of the training state")
-    devices: int | None = _f(None, "data-parallel devices to use (default: all)")
+    log_every: int = setting(50, "steps between progress/metrics.jsonl records")
+    eval_every: int = setting(500, "steps between evaluations (FVU at every k)")
+    eval_batches: int = setting(4, "batches per evaluation")
+    save_every: int = setting(500, "steps between checkpoints of the training state")
+    devices: int | None = setting(None, "data-parallel devices to use (default: all)")
+
+    def __post_init__(self):
+        if not isinstance(self.sae, SAEConfig):
+            raise TypeError(f"TrainConfig.sae must be a SAEConfig, got {type(self.sae).__name__}")
+        backends.validate_backend(self.backend)
+        for name in ("batch_size", "steps", "log_every", "eval_every", "eval_batches",
+                     "save_every", "synthetic_features"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("seed", self.seed, 0)
+        if self.devices is not None:
+            _check_int("devices", self.devices, 1)
+        _check_float("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        _check_float("clip_norm", self.clip_norm, 0.0)
+        _check_float("synthetic_active", self.synthetic_active, 0.0, inclusive=False)
+        if self.lr is not None:
+            _check_float("lr", self.lr, 0.0, inclusive=False)
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainConfig:
+        """A TrainConfig from flat settings (SAEConfig's fields and TrainConfig's own).
+
+        ``budgets`` may be a tuple of ints or a comma-separated string.
+        """
+        sae = {k: settings.pop(k) for k in SAE_FIELDS if k in settings}
+        if isinstance(sae.get("budgets"), str):
+            sae["budgets"] = parse_budgets(sae["budgets"])
+        if sae.get("budgets") is not None:
+            sae["budgets"] = tuple(sae["budgets"])
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)} - {"sae"}
+        if unknown:
+            raise TypeError(f"unknown training settings: {sorted(unknown)}")
+        return cls(sae=SAEConfig(**sae), **settings)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The settings as one flat, JSON-ready dict (what cfg.json and checkpoints keep)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sae"}
+        sae = {name: getattr(self.sae, name) for name in SAE_FIELDS}
+        if sae["budgets"] is not None:
+            sae["budgets"] = list(sae["budgets"])
+        return {**sae, **flat}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainConfig:
+        """The TrainConfig of a flat dict written by :meth:`to_flat` (keys it does not know
+        are ignored; older runs saved budgets as a string)."""
+        known = set(SAE_FIELDS) | {f.name for f in dataclasses.fields(cls)}
+        return cls.from_flat(**{k: v for k, v in saved.items() if k in known and k != "sae"})
+
+    def replace(self, **settings: Any) -> TrainConfig:
+        """A copy with flat ``settings`` changed (model or run settings alike)."""
+        return TrainConfig.from_flat(**{**self.to_flat(), **settings})
 
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.sae.n_latents / 2**14)
 
-    def budget_tuple(self) -> tuple[int, ...] | None:
-        if not self.budgets:
-            return None
-        return tuple(int(b) for b in str(self.budgets).split(",") if b)
+    def open_source(self):
+        """The activation source these settings name: the data file, or the synthetic
+        generator (``batch(step)``, ``d_model``, ``describe()``)."""
+        synthetic = SyntheticConfig(d_model=self.sae.d_model, n_features=self.synthetic_features,
+                                    mean_active=self.synthetic_active, seed=self.seed)
+        return open_source(self.data, self.batch_size, seed=self.seed, data_key=self.data_key,
+                           synthetic=synthetic)
 
-    def validate(self) -> None:
-        positive = ("n_latents", "k", "batch_size", "steps", "log_every", "eval_every",
-                    "eval_batches", "save_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        if self.warmup_steps < 0 or not 0 <= self.decay_fraction <= 1:
-            raise ValueError("--warmup-steps must be >= 0 and --decay-fraction in [0, 1]")
-        if self.peak_lr() <= 0:
-            raise ValueError(f"--lr={self.lr} must be > 0")
+    def kernels(self) -> KernelSettings:
+        """The runtime settings of the ops: ``backend`` and ``deterministic``."""
+        return KernelSettings.create(self.backend, deterministic=self.deterministic)
+
+
+def parse_budgets(text: str) -> tuple[int, ...] | None:
+    """``"8,16,32"`` -> (8, 16, 32); empty -> None. ValueError names the flag."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        budgets = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--budgets={text!r} must be comma-separated integers, e.g. 8,16,32"
+                         ) from None
+    return budgets or None
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"TrainConfig.{name}={value!r} must be an int >= {low}")
+
+
+def _check_float(name: str, value, low: float, high: float = math.inf,
+                 inclusive: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (low <= value <= high) if inclusive else (low < value <= high)
+    if not ok:
+        where = f"in [{low}, {high}]" if high != math.inf else (
+            f">= {low}" if inclusive else f"> {low}")
+        raise ValueError(f"TrainConfig.{name}={value!r} must be a finite number {where}")

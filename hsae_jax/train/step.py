@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.model import SAEConfig, normalize_decoder, project_decoder_grad, sae_loss
 from hsae_jax.train.config import TrainConfig
 
@@ -80,7 +81,8 @@ def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, 
     return params, opt_state, _global_norm(grads)
 
 
-def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh):
+def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    kernels: KernelSettings = DEFAULT_KERNELS):
     """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
 
     One step: loss and gradients on each device's rows, gradients averaged over
@@ -89,7 +91,8 @@ def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh
     """
 
     def local_step(params, stats, opt_state, x):
-        grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg), has_aux=True)
+        grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg, kernels=kernels),
+                                     has_aux=True)
         (loss, aux), grads = grad_fn(params, stats, x)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)

@@ -5,29 +5,28 @@
 # Licensed under the Apache License, Version 2.0 (the "License"); you may not use this
 # file except in compliance with the License. You may obtain a copy of the License at
 # http://www.apache.org/licenses/LICENSE-2.0. See NOTICE for what was changed.
-"""The seed's two-pass decoder-loss kernels, ported to jax-triton's calling convention.
+"""Decoder-loss kernels that walk the K selected latents of [BLOCK_B, BLOCK_D] tiles.
 
-Changes from the seed (``../shared/seed/hierarchical_kernels.py``):
-- parameters reordered: inputs first, outputs last (jax-triton's convention);
-- any B, K, D: rows past B, columns past D and latents past K are masked, so K need not
-  be a power of two (``K_POW2`` sizes the [BLOCK_B, K] register tiles), B need not be a
-  multiple of BLOCK_B and D need not be a multiple of BLOCK_D;
-- an index outside [0, F) selects no row: nothing is loaded or scattered for it;
-- both kernels take per-prefix coefficients ``coef`` [K] (the seed: 1 / (B * K * D) for
-  every k), so any weighting of the prefixes costs the same; the backward writes
-  ``resid_sum`` [B, D] = sum_k of the residual gradients, from which the bias and target
-  gradients follow without atomics; with ``UNIFORM_COEF`` (every coef_k equal, the
-  default ``prefix_weights=None``) the walks read coef[0] once instead of every step;
-- the walks load each step's index, value, weight rows and coefficient at the top of
-  the loop body, unconditionally (the seed loads step t + 1 inside ``if t + 1 < K``), so
-  Triton's software pipeliner can issue the gathers ``LOOP_NUM_STAGES - 1`` steps ahead
-  (cp.async into shared memory) instead of one step ahead from registers: a walk is
-  bound by the latency of its dependent loads (index, then row), not by bandwidth;
-- ``hierarchical_sae_fused_kernel`` runs the forward walk and the backward walk in one
-  program, back to back;
-- ``DETERMINISTIC`` (forward and fused kernels): no float atomics. Each D tile stores its
-  share of the row losses and of dvals, and each (row, latent) pair its suffix sum, for the
-  caller to add up in a fixed order (hsae_jax/loss/triton_loss.py).
+A program owns BLOCK_B rows and BLOCK_D columns of the [B, D] problem. The forward walk
+adds ``vals_k * weight[indices_k]`` to the running reconstruction (starting at the bias)
+for k = 1..K and accumulates ``coef_k * (recon_k - target)^2``; the backward walk starts
+from the full reconstruction, walks k = K..1, carries the suffix sum of the residual
+gradients ``2 * coef_k * (recon_k - target)``, adds ``vals_k * suffix`` into the weight
+gradient row of latent k, writes dvals, and takes ``vals_k * W[indices_k]`` off again.
+
+- ``hierarchical_sae_forward_kernel`` / ``hierarchical_sae_backward_kernel``: the seed's
+  two kernels (the ``"two_pass"`` variant);
+- ``hierarchical_sae_fused_kernel``: both walks in one program (the default);
+- ``DETERMINISTIC``: no float atomics; each D tile stores its share of the row losses and
+  dvals, and each (row, latent) pair its suffix sum, for the caller to add up in a fixed
+  order (hsae_jax/loss/triton_loss.py).
+
+Any B, K, D (rows past B, columns past D and latents past K are masked; ``K_POW2`` sizes
+the [BLOCK_B, K] register tiles); an index outside [0, F) selects no row. Each step's
+index, value, rows and coefficient are loaded at the top of the loop body,
+unconditionally, so Triton's software pipeliner issues the gathers
+``LOOP_NUM_STAGES - 1`` steps ahead. What changed from the seed's kernels is listed in
+NOTICE.
 """
 
 import triton

@@ -1,4 +1,9 @@
-"""Pieces every backend of the decoder loss shares: index masking, prefix weights."""
+"""Rows of a [F, D] matrix selected by [B, K] latent indices: masking, gathers, chunks.
+
+The decoder loss, the encoder's backward and the model's decode all select rows of a
+weight matrix by latent index; this module holds the pieces they share, so every op
+treats an out-of-range index the same way.
+"""
 
 from __future__ import annotations
 
@@ -69,20 +74,3 @@ def unchunk_latents(x: jax.Array, k: int) -> jax.Array:
     """[n, B, chunk] -> [B, K]: undoes :func:`chunk_latents`."""
     n, b, chunk = x.shape
     return x.transpose(1, 0, 2).reshape(b, n * chunk)[:, :k]
-
-
-def normalized_prefix_weights(prefix_weights: jax.Array | None, k: int) -> jax.Array:
-    """[K] float32 weights of the K prefix losses, summing to 1 (uniform for None)."""
-    if prefix_weights is None:
-        return jnp.full((k,), 1.0 / k, jnp.float32)
-    w = prefix_weights.astype(jnp.float32)
-    return w / jnp.sum(w)
-
-
-def combine_prefix_sse(prefix_sse: jax.Array, weights: jax.Array, d: int) -> jax.Array:
-    """Scalar float32 loss from [B, K] per-prefix SSE and normalised [K] weights.
-
-    loss = sum_k weights_k * mean_{b, d}(r_k^2).
-    """
-    b = prefix_sse.shape[0]
-    return jnp.sum(jnp.sum(prefix_sse, axis=0) * weights) / (b * d)
