@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hsae_jax.auxk import auxk_loss
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
@@ -178,8 +179,8 @@ def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT
 
     Returns (loss, aux) with aux = dict(recon_loss, auxk_loss, l0, fired [F] bool,
     num_dead). The reconstruction term is :func:`hierarchical_sae_loss` (or the TopK
-    loss) in the scaled space; AuxK (OpenAI's) reconstructs the residual from the top
-    aux_k dead latents, only when some latent is dead.
+    loss) in the scaled space; AuxK (:mod:`hsae_jax.auxk`) reconstructs the residual from
+    the top aux_k dead latents, only when some latent is dead.
     """
     xs = scale_inputs(stats, x)
     w_dec = _cast(cfg, params["W_dec"])
@@ -191,45 +192,23 @@ def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT
         recon_loss = hierarchical_sae_loss(indices, w_dec, vals, params["b_dec"], xs,
                                            prefix_weights=cfg.prefix_weights(), **loss_kw)
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
-    num_dead = jnp.sum(dead)
-    auxk_loss = jnp.float32(0.0)
+    auxk = jnp.float32(0.0)
     if cfg.auxk_coef > 0:
-        auxk_loss = jax.lax.cond(
-            num_dead > 0,
-            lambda: _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead, kernels),
-            lambda: jnp.float32(0.0),
-        )
+        auxk = auxk_loss(cfg, params, xs, vals, indices, dead, kernels)
     fired = fired_latents(indices, vals, cfg.n_latents)
     aux = {
         "recon_loss": recon_loss,
-        "auxk_loss": auxk_loss,
+        "auxk_loss": auxk,
         "l0": jnp.mean(jnp.sum(vals > 0, axis=1).astype(jnp.float32)),
         "fired": fired,
-        "num_dead": num_dead,
+        "num_dead": jnp.sum(dead),
     }
-    return recon_loss + cfg.auxk_coef * auxk_loss, aux
+    return recon_loss + cfg.auxk_coef * auxk, aux
 
 
 def fired_latents(indices, vals, n_latents: int) -> jax.Array:
     """[F] bool: which latents have a positive value for some token."""
     return jnp.zeros((n_latents,), jnp.bool_).at[indices.reshape(-1)].max(vals.reshape(-1) > 0)
-
-
-def _auxk_loss(cfg, params, stats, x, vals, indices, dead, num_dead, kernels):
-    """Normalised error of reconstructing the residual from the top aux_k dead latents."""
-    aux_k = cfg.resolved_aux_k
-    xs = scale_inputs(stats, x)
-    residual = jax.lax.stop_gradient(  # in the model's space: decode with unit scale
-        xs - decode_arrays(params, {"input_scale": jnp.float32(1.0)}, vals, indices))
-    only_dead = jnp.where(dead, 0.0, -1e30).astype(jnp.float32)
-    aux_vals, aux_idx = encode_arrays(cfg, {**params, "b_enc": params["b_enc"] + only_dead},
-                                      stats, x, aux_k, kernels)
-    zero_bias = jnp.zeros((cfg.d_model,), jnp.float32)
-    err = topk_sae_loss(aux_idx, _cast(cfg, params["W_dec"]), aux_vals, zero_bias, residual,
-                        backend=kernels.backend, config=kernels.loss)
-    variance = jnp.mean((residual - jnp.mean(residual, axis=0)) ** 2)
-    scale = jnp.minimum(num_dead / aux_k, 1.0)
-    return jnp.where(variance > 0, scale * err / variance, 0.0)
 
 
 def project_decoder_grad(w_dec, grad):

@@ -1,0 +1,125 @@
+"""AuxK on the dead latents' columns equals its definition: value and every gradient."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error, requires_gpu, requires_interpreter
+
+from hsae_jax import KernelSettings, SAEConfig
+from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets
+from hsae_jax.model import encode_arrays, init_arrays, sae_loss, scale_inputs
+
+BACKENDS = [
+    pytest.param("xla", id="xla"),
+    pytest.param("interpret", marks=requires_interpreter, id="interpret"),
+    pytest.param("triton", marks=requires_gpu, id="triton"),
+]
+
+
+def setup(seed, f=64, d=16, k=4, aux_k=None, b=24, compute_dtype="float32"):
+    cfg = SAEConfig(d_model=d, n_latents=f, k=k, aux_k=aux_k, compute_dtype=compute_dtype)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(b, d)) * 2 + 0.5, jnp.float32)
+    params, stats = init_arrays(cfg, jax.random.key(seed), x)
+    # trained-looking parameters: encoder rows not equal to the decoder's, non-zero biases
+    params = {**params,
+              "W_enc": params["W_enc"] + 0.3 * jnp.asarray(rng.normal(size=(f, d)), jnp.float32),
+              "b_enc": jnp.asarray(rng.normal(size=f) * 0.2, jnp.float32)}
+    return cfg, params, stats, x
+
+
+def both(cfg, params, stats, x, dead, backend):
+    """(value, grads) of the fast AuxK on ``backend`` and of its reference (on xla, the
+    definition in plain JAX), on the same main selection."""
+    xs = scale_inputs(stats, x)
+    vals, indices = encode_arrays(cfg, params, stats, x, kernels=KernelSettings("xla"))
+    out = []
+    for fn, on in ((auxk_loss, backend), (auxk_loss_reference, "xla")):
+        out.append(jax.jit(jax.value_and_grad(
+            lambda p, fn=fn, on=on: fn(cfg, p, xs, vals, indices, dead, KernelSettings(on))))(
+                params))
+    return out
+
+
+def dead_mask(f, which):
+    return jnp.zeros((f,), jnp.bool_).at[jnp.asarray(which, jnp.int32)].set(True)
+
+
+CASES = {  # name: (F, aux_k, dead latents)
+    "one dead": (64, 8, [17]),
+    "all dead": (64, 8, list(range(64))),
+    "10% dead, more than aux_k": (64, 4, [3, 9, 10, 30, 41, 63]),
+    "fewer dead than aux_k": (64, 8, [0, 5, 6]),
+    "dead in a middle bucket": (256, 6, list(range(5, 250, 13))),
+    "aux_k above every bucket but F": (256, 100, list(range(0, 256, 2))),
+}
+
+
+# the interpreter (slow) takes one case of each path: all dead selected / a top-k of them
+INTERPRETED = ("one dead", "10% dead, more than aux_k")
+
+
+def case_params():
+    for case in CASES:
+        for backend in BACKENDS:
+            marks = list(backend.marks)
+            if backend.values[0] == "interpret" and case not in INTERPRETED:
+                marks.append(pytest.mark.slow)
+            yield pytest.param(backend.values[0], case, marks=marks,
+                               id=f"{case}-{backend.id}")
+
+
+@pytest.mark.parametrize("backend, case", list(case_params()))
+def test_value_and_gradients_equal_the_definition(backend, case, rng_seed):
+    f, aux_k, which = CASES[case]
+    cfg, params, stats, x = setup(rng_seed, f=f, aux_k=aux_k)
+    (value, grads), (ref_value, ref_grads) = both(cfg, params, stats, x, dead_mask(f, which),
+                                                  backend)
+    assert float(ref_value) > 0
+    np.testing.assert_allclose(value, ref_value, rtol=2e-5)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=2e-4, atol=1e-6)
+    live = np.setdiff1d(np.arange(f), which)
+    for name in ("W_enc", "W_dec", "b_enc"):  # only dead latents' rows move
+        assert np.all(np.asarray(grads[name])[live] == 0), name
+    assert np.any(np.asarray(grads["W_enc"])[which] != 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dead_latent_means_no_loss_and_no_gradient(backend, rng_seed):
+    cfg, params, stats, x = setup(rng_seed)
+    (value, grads), (ref_value, _) = both(cfg, params, stats, x, dead_mask(64, []), backend)
+    assert float(value) == 0.0 == float(ref_value)
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.asarray(g) == 0)
+
+
+def test_bf16_compute_matches_the_definition(rng_seed):
+    cfg, params, stats, x = setup(rng_seed, aux_k=4, compute_dtype="bfloat16")
+    (value, grads), (ref_value, ref_grads) = both(cfg, params, stats, x,
+                                                  dead_mask(64, [1, 2, 40, 41, 50, 60]), "xla")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name in grads:  # both round the bf16 weight gradients, in different orders
+        assert relative_error(grads[name], ref_grads[name]) < 1e-2, name
+
+
+def test_buckets_hold_any_number_of_dead_latents():
+    assert column_buckets(65536) == (1024, 4096, 16384, 65536)
+    assert column_buckets(3) == (1, 3)
+
+
+def test_the_training_objective_adds_auxk_only_with_dead_latents(rng_seed):
+    cfg, params, stats, x = setup(rng_seed, aux_k=4)
+    kernels = KernelSettings("xla")
+    alive = {**stats, "tokens_since_fired": jnp.zeros((64,), jnp.int32)}
+    loss, aux = sae_loss(cfg, params, alive, x, kernels)
+    assert float(aux["auxk_loss"]) == 0 and int(aux["num_dead"]) == 0
+    dead = {**stats, "tokens_since_fired": jnp.zeros((64,), jnp.int32).at[:10].set(
+        cfg.dead_tokens)}
+    loss_dead, aux_dead = sae_loss(cfg, params, dead, x, kernels)
+    assert int(aux_dead["num_dead"]) == 10 and float(aux_dead["auxk_loss"]) > 0
+    np.testing.assert_allclose(loss_dead, aux_dead["recon_loss"]
+                               + cfg.auxk_coef * aux_dead["auxk_loss"], rtol=1e-6)
