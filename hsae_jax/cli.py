@@ -17,9 +17,18 @@ def _csv(cast):
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark the decoder loss (or, with --step, a step)")
-    p.add_argument("--step", action="store_true",
-                   help="time whole training steps (and their pieces) instead of the loss")
+    p = sub.add_parser("bench", help="benchmark the decoder loss (--step: a training step; "
+                       "--train: the trainer's own loop on each kind of data)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--step", action="store_true",
+                      help="time whole training steps (and their pieces) instead of the loss")
+    mode.add_argument("--train", action="store_true",
+                      help="run hsae train on synthetic data, .npy files, a float16 cache and "
+                      "with dead latents (AuxK), and report its tokens/s")
+    p.add_argument("--steps", type=int, help="--train: steps per run (default 300)")
+    p.add_argument("--rows", type=int, help="--train: rows of the data files (default 400000)")
+    p.add_argument("--runs", type=_csv(str), help="--train: runs to make (default all)")
+    p.add_argument("--work-dir", help="--train: where data files and run folders go")
     p.add_argument("--no-pieces", action="store_true", help="--step: skip per-piece timings")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     p.add_argument("--batch", type=int, help="B (default 4096; tiny 64)")
@@ -35,15 +44,24 @@ def _add_bench(sub) -> None:
     p.add_argument("--seed-module", help="path of the seed's hierarchical_kernels.py "
                    "(times the seed's torch kernel on the same data)")
     p.add_argument("--no-check", action="store_true", help="skip error checks vs reference")
-    p.add_argument("--out", help="JSON output path (default: bench_loss.json or "
-                   "bench_step.json)")
+    p.add_argument("--out", help="JSON output path (default: bench_loss.json, "
+                   "bench_step.json or bench_train.json)")
 
 
 def _bench(args) -> int:
     # JAX and torch may share the GPU: don't let XLA take 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from hsae_jax.bench import loss, step
+    from hsae_jax.bench import loss, step, train
 
+    if args.train:
+        overrides = {"batch": args.batch, "n_latents": args.n_latents, "d_model": args.d_model,
+                     "k": args.ks[0] if args.ks else None, "steps": args.steps,
+                     "rows": args.rows, "runs": args.runs, "work_dir": args.work_dir,
+                     "out": args.out}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        cls = train.TrainBenchSettings
+        train.run(cls.tiny(**overrides) if args.tiny else cls(**overrides))
+        return 0
     common = {
         "batch": args.batch, "n_latents": args.n_latents, "d_model": args.d_model,
         "ks": args.ks, "impls": args.impls, "iters": args.iters, "warmup": args.warmup,

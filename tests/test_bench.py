@@ -24,12 +24,26 @@ def test_step_benchmark_smoke(tmp_path):
     out = tmp_path / "step.json"
     assert main(["bench", "--step", "--tiny", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
-    assert {r["impl"] for r in payload["steps"]} == {"hsae", "naive-jax"}
+    assert {r["impl"] for r in payload["steps"]} == {"hsae", "hsae-auxk", "naive-jax"}
     assert all(r["tokens_per_s"] > 0 for r in payload["steps"])
     assert {"encoder matmul", "top-k hsae", "clip + Adam update", "loss and gradients (trainer)",
             "after-gradient tail (trainer)"} <= {
         p["piece"] for p in payload["pieces"]}
     assert not [p for p in payload["pieces"] if "error" in p]
+
+
+def test_trainer_loop_benchmark_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    assert main(["bench", "--train", "--tiny", "--steps", "12", "--rows", "1024",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    runs = {r["run"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"synthetic", "npy-float32", "npy-float16", "cache-float16",
+                         "dead-auxk", "dead-no-auxk"}
+    assert not [r for r in runs.values() if "error" in r]
+    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in runs.values())
+    assert runs["dead-auxk"]["dead_fraction"] > 0 and runs["dead-auxk"]["auxk_loss"] > 0
+    assert runs["dead-no-auxk"]["auxk_loss"] == 0
+    assert (tmp_path / "work" / "cache-float16" / "manifest.json").exists()
 
 
 def test_benchmark_reporting_does_not_import_triton():

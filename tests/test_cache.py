@@ -403,11 +403,11 @@ def replace_shard(path, index, array):
     (lambda p: replace_shard(p, 0, np.zeros((16, 3), np.float32)),
      "shard-000000.npy: dtype float32, the manifest says float16"),
     (lambda p: replace_shard(p, 0, np.zeros((16, 3, 1), np.float16)),
-     r"shard-000000.npy: shape \(16, 3, 1\), expected a 2-D"),
+     r"shard-000000.npy: activations must be \[N, D\], got shape \(16, 3, 1\)"),
     (lambda p: replace_shard(p, 0, np.asfortranarray(np.zeros((16, 3), np.float16))),
      "shard-000000.npy: stored column-major"),
     (lambda p: os.truncate(os.path.join(p, "shard-000000.npy"), 150),
-     r"shard-000000.npy: truncated \(150 bytes, its header needs 224\)"),
+     r"shard-000000.npy: truncated \(150 bytes; its header needs 224 for shape \(16, 3\)"),
     (lambda p: open(os.path.join(p, "shard-000000.npy"), "wb").write(b"garbage"),
      "shard-000000.npy: not a readable .npy file"),
 ])

@@ -1,11 +1,25 @@
-"""Activation sources: deterministic by step, streamed from files, clear errors."""
+"""Activation sources: deterministic by step, every row once an epoch, mixed across files and
+shards, a held-out split no step reads, stored dtypes kept, clear errors, a prefetching loader."""
 
 from __future__ import annotations
 
+import os
+import threading
+
+import ml_dtypes
 import numpy as np
 import pytest
 
-from hsae_jax.data import ActivationFile, SyntheticActivations, SyntheticConfig
+from hsae_jax.data import (
+    CacheWriter,
+    NonFiniteRowsError,
+    Prefetcher,
+    RowSource,
+    SyntheticActivations,
+    SyntheticConfig,
+    open_rows,
+)
+from hsae_jax.data.sampler import Permutation, RowSampler
 
 
 def test_synthetic_batches_are_deterministic_and_sparse():
@@ -24,47 +38,233 @@ def test_synthetic_batches_are_deterministic_and_sparse():
     np.testing.assert_allclose(p.sum(), 3, rtol=0.05)
 
 
-@pytest.fixture(params=["npy", "safetensors"])
-def activation_file(request, tmp_path):
-    rows = np.arange(100 * 6, dtype=np.float32).reshape(100, 6)
-    path = tmp_path / f"acts.{request.param}"
-    if request.param == "npy":
+# ----------------------------------------------------------------- the row sampler
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 99_991])
+def test_permutation_is_a_bijection_with_its_inverse(n):
+    p = Permutation(n, 5, 11)
+    images = p(np.arange(n))
+    np.testing.assert_array_equal(np.sort(images), np.arange(n))
+    np.testing.assert_array_equal(p.inverse(images), np.arange(n))
+    if n >= 64:
+        assert not np.array_equal(images, np.arange(n))
+        assert not np.array_equal(images, Permutation(n, 6, 11)(np.arange(n)))
+
+
+def test_each_epoch_reads_every_training_row_once_and_never_a_held_out_one():
+    sampler = RowSampler(10_000 + 7, 128, seed=3, eval_rows=780, block_rows=16)
+    held_out = sampler.held_out_rows()
+    assert sampler.eval_rows == held_out.size == 784 + 7  # whole blocks, plus the tail
+    per_epoch = sampler.train_rows
+    assert per_epoch % 128 == 0  # so that no batch straddles two epochs here
+    steps = 3 * per_epoch // 128
+    seen = np.concatenate([sampler.batch_rows(s) for s in range(steps)])
+    for epoch in range(3):
+        rows = seen[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert np.unique(rows).size == per_epoch
+    assert not np.intersect1d(seen, held_out).size
+    np.testing.assert_array_equal(np.union1d(np.unique(seen), held_out), np.arange(10_007))
+    # epochs are ordered differently, and batches are not contiguous runs
+    first, second = seen[:per_epoch], seen[per_epoch:2 * per_epoch]
+    assert not np.array_equal(first, second)
+    assert np.ptp(sampler.batch_rows(0)) > 5_000
+
+
+def test_batches_depend_only_on_seed_and_step_and_split_between_processes():
+    a = RowSampler(5000, 64, seed=1, eval_rows=100)
+    b = RowSampler(5000, 64, seed=1, eval_rows=100)
+    np.testing.assert_array_equal(a.batch_rows(123), b.batch_rows(123))
+    assert not np.array_equal(a.batch_rows(123), RowSampler(5000, 64, seed=2).batch_rows(123))
+    shares = [a.batch_rows(9, 16 * i, 16 * (i + 1)) for i in range(4)]
+    np.testing.assert_array_equal(np.concatenate(shares), a.batch_rows(9))
+
+
+def test_too_little_data_for_a_batch_is_named():
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        RowSampler(100, 64, seed=0, eval_rows=50)
+
+
+# ------------------------------------------------------------ files, globs, caches
+
+
+def save(path, rows):
+    path = str(path)
+    if path.endswith(".npy"):
         np.save(path, rows)
     else:
         from safetensors.numpy import save_file
 
-        save_file({"acts": rows}, str(path))
-    return str(path), rows
+        save_file({"acts": rows}, path)
+    return path
 
 
-def test_file_batches_are_shuffled_whole_rows_and_cover_an_epoch(activation_file):
-    path, rows = activation_file
-    source = ActivationFile(path, batch_size=10, seed=3)
-    assert (source.n_rows, source.d_model, source.batches_per_epoch) == (100, 6, 10)
-    seen = np.concatenate([np.asarray(source.batch(s)) for s in range(10)])
-    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, rows.tolist()))
-    assert not np.array_equal(seen, rows)  # shuffled
-    np.testing.assert_array_equal(np.asarray(source.batch(4)),
-                                  np.asarray(ActivationFile(path, 10, seed=3).batch(4)))
-    assert not np.array_equal(np.asarray(source.batch(0)), np.asarray(source.batch(10)))
+def rows_of(n, d, dtype=np.float32, seed=0):
+    return (np.random.default_rng(seed).normal(size=(n, d)) + np.arange(n)[:, None]).astype(dtype)
 
 
-def test_file_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ActivationFile(str(tmp_path / "nope.npy"), 4)
-    np.save(tmp_path / "flat.npy", np.zeros(10, np.float32))
-    with pytest.raises(ValueError, match=r"must be \[N, D\], got shape \(10,\)"):
-        ActivationFile(str(tmp_path / "flat.npy"), 4)
-    np.save(tmp_path / "small.npy", np.zeros((3, 2), np.float32))
-    with pytest.raises(ValueError, match="fewer than batch_size=4"):
-        ActivationFile(str(tmp_path / "small.npy"), 4)
-    (tmp_path / "x.csv").write_text("1,2")
-    with pytest.raises(ValueError, match=r"must end in .npy or .safetensors"):
-        ActivationFile(str(tmp_path / "x.csv"), 1)
+def make_cache(path, rows, dtype="float16", rows_per_shard=50):
+    with CacheWriter(str(path), rows.shape[1], dtype=dtype, rows_per_shard=rows_per_shard,
+                     provenance={"model": "test"}) as writer:
+        writer.append(rows)
+    return str(path)
+
+
+@pytest.fixture(params=["npy", "safetensors", "glob", "cache"])
+def stored(request, tmp_path):
+    """(spec for open_rows, the rows it holds, their dtype)."""
+    rows = rows_of(240, 6)
+    if request.param == "glob":
+        for i in range(3):
+            save(tmp_path / f"part-{i}.npy", rows[80 * i:80 * (i + 1)])
+        return str(tmp_path / "part-*.npy"), rows, np.float32
+    if request.param == "cache":
+        return make_cache(tmp_path / "cache", rows), rows.astype(np.float16), np.float16
+    return save(tmp_path / f"acts.{request.param}", rows), rows, np.float32
+
+
+def test_a_source_reads_whole_rows_in_their_stored_dtype(stored):
+    spec, rows, dtype = stored
+    source = RowSource(open_rows(spec, tensor="acts" if spec.endswith("tensors") else None),
+                       batch_size=20, seed=4, eval_fraction=0.2)
+    assert source.d_model == 6 and source.sampler.eval_rows == 48
+    batch = source.host_batch(3)
+    assert batch.dtype == dtype and batch.shape == (20, 6)
+    ids = source.sampler.batch_rows(3)
+    np.testing.assert_array_equal(batch, rows[ids])
+    np.testing.assert_array_equal(np.asarray(source.batch(3)), batch)
+    held = np.concatenate([np.asarray(x) for x in source.eval_batches(10)])
+    np.testing.assert_array_equal(held, rows[source.sampler.held_out_rows()])
+
+
+def test_batches_mix_rows_from_every_shard(tmp_path):
+    rows = rows_of(1600, 4)
+    cache = open_rows(make_cache(tmp_path / "c", rows, rows_per_shard=200))
+    source = RowSource(cache, batch_size=256, seed=0, eval_fraction=0)
+    shards = {cache.locate(int(i))[0] for i in source.sampler.batch_rows(0)}
+    assert len(shards) >= 6  # 16 blocks of 16 rows, drawn from all 8 shards
+
+
+def test_bfloat16_and_float64_data(tmp_path):
+    rows = rows_of(64, 3)
+    bf16 = RowSource(open_rows(make_cache(tmp_path / "bf", rows, "bfloat16")), 16,
+                     eval_fraction=0)
+    assert bf16.host_batch(0).dtype == ml_dtypes.bfloat16
+    f64 = RowSource(open_rows(save(tmp_path / "f64.npy", rows.astype(np.float64))), 16,
+                    eval_fraction=0)
+    assert f64.host_batch(0).dtype == np.float32
+
+
+def test_eval_data_replaces_the_held_out_rows(tmp_path):
+    train = save(tmp_path / "train.npy", rows_of(100, 3))
+    other = rows_of(30, 3, seed=9)
+    source = RowSource(open_rows(train), 10, eval_rows=open_rows(save(tmp_path / "e.npy", other)))
+    assert source.sampler.eval_rows == 4  # only the tail of 100 mod 16 rows
+    got = np.concatenate([np.asarray(x) for x in source.eval_batches(5)])
+    np.testing.assert_array_equal(got, other)
+    assert source.split()["eval_data_rows"] == 30
+
+
+def test_non_finite_rows_are_named_by_file_and_row(tmp_path):
+    rows = rows_of(96, 4)
+    rows[37, 2] = np.nan
+    rows[80, 0] = np.inf
+    source = RowSource(open_rows(save(tmp_path / "bad.npy", rows)), 96, eval_fraction=0,
+                       block_rows=1)
+    with pytest.raises(NonFiniteRowsError, match=r"2 row\(s\) of step 0's batch hold NaN or "
+                       r"inf: .*bad.npy row 37, .*bad.npy row 80"):
+        source.host_batch(0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: str(p / "nope.npy"), "does not exist"),
+    (lambda p: save(p / "flat.npy", np.zeros(10, np.float32)), r"must be \[N, D\], got shape"),
+    (lambda p: (p / "x.csv").write_text("1,2") and str(p / "x.csv"), "must end in .npy"),
+    (lambda p: (p / "t.npy").write_text("hello") and str(p / "t.npy"),
+     "not a readable .npy file"),
+    (lambda p: os.makedirs(p / "d.npy") or str(p / "d.npy"), "is a directory"),
+    (lambda p: str(p), "directory without manifest.json"),
+    (lambda p: save(p / "bf.npy", np.zeros((4, 2), ml_dtypes.bfloat16)),
+     "bfloat16 array saved with np.save loses its dtype"),
+    (lambda p: save(p / "c.npy", np.zeros((4, 2), np.complex64)), "complex"),
+    (lambda p: save(p / "i.npy", np.zeros((4, 2), np.int32)), "dtype int32"),
+    (lambda p: save(p / "obj.npy", np.array([[None]], object)), "pickled"),
+    (lambda p: str(p / "none-*.npy"), "no file matches"),
+])
+def test_bad_data_is_named(tmp_path, make, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        open_rows(make(tmp_path))
+
+
+@pytest.mark.parametrize("suffix", ["npy", "safetensors"])
+def test_a_truncated_file_is_named(tmp_path, suffix):
+    path = save(tmp_path / f"t.{suffix}", rows_of(50, 8))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(ValueError, match=rf"t.{suffix}: truncated"):
+        open_rows(path)
+
+
+def test_files_of_one_glob_must_agree(tmp_path):
+    save(tmp_path / "a.npy", rows_of(8, 3))
+    save(tmp_path / "b.npy", rows_of(8, 4))
+    with pytest.raises(ValueError, match="b.npy: 4 columns of float32, but .*a.npy has 3"):
+        open_rows(str(tmp_path / "*.npy"))
+    save(tmp_path / "b.npy", rows_of(8, 3, np.float16))
+    with pytest.raises(ValueError, match="b.npy: 3 columns of float16"):
+        open_rows(str(tmp_path / "*.npy"))
+
+
+def test_safetensors_with_several_tensors_need_a_key(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"a": np.zeros((4, 2), np.float32), "b": np.zeros((4, 2), np.float32)},
-              str(tmp_path / "two.safetensors"))
-    with pytest.raises(ValueError, match="name one with --data-key"):
-        ActivationFile(str(tmp_path / "two.safetensors"), 2)
-    assert ActivationFile(str(tmp_path / "two.safetensors"), 2, tensor="b").d_model == 2
+    path = str(tmp_path / "two.safetensors")
+    save_file({"a": np.zeros((4, 2), np.float32), "b": np.ones((4, 3), np.float32)}, path)
+    with pytest.raises(ValueError, match="name one"):
+        open_rows(path)
+    assert open_rows(path, tensor="b").d_model == 3
+
+
+# ------------------------------------------------------------------------ the loader
+
+
+class Recorder:
+    """A host source whose reads are logged; step ``fail_at`` raises."""
+
+    def __init__(self, fail_at=None):
+        self.read, self.fail_at = [], fail_at
+        self.thread = None
+
+    def host_batch(self, step, process_index=0, process_count=1):
+        self.thread = threading.current_thread()
+        if step == self.fail_at:
+            raise NonFiniteRowsError(f"step {step} is bad")
+        self.read.append(step)
+        return np.full((2, 3), step, np.float16)
+
+
+def test_the_loader_reads_ahead_on_a_thread_in_step_order():
+    source = Recorder()
+    with Prefetcher(source, range(5, 12), put=lambda x: x * 2, depth=2) as batches:
+        got = [(step, int(x[0, 0])) for step, x in batches]
+    assert got == [(s, 2 * s) for s in range(5, 12)]
+    assert source.thread is not threading.current_thread()
+
+
+def test_a_read_error_surfaces_at_its_step():
+    with Prefetcher(Recorder(fail_at=3), range(6), put=lambda x: x) as batches:
+        seen = []
+        with pytest.raises(NonFiniteRowsError, match="step 3 is bad"):
+            for step, _ in batches:
+                seen.append(step)
+    assert seen == [0, 1, 2]
+
+
+def test_closing_early_stops_the_thread():
+    source = Recorder()
+    batches = Prefetcher(source, range(10_000), put=lambda x: x, depth=3)
+    for step, _ in batches:
+        if step == 2:
+            break
+    batches.close()
+    assert len(source.read) < 20

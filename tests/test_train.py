@@ -92,6 +92,41 @@ def test_resume_ends_with_the_same_parameters(tmp_path):
     assert strip(ra) == strip(rb)
 
 
+def kill_after_checkpoint(run, step):
+    """Makes ``run`` look killed right after its checkpoint at ``step``."""
+    ckpt = Checkpointer(str(run))
+    for later in ckpt.manager.all_steps():
+        if later > step:
+            shutil.rmtree(os.path.join(ckpt.directory, str(later)))
+    ckpt.close()
+    for name in ("sae.safetensors", "metrics.json", "fvu_vs_k.png", "loss.png"):
+        os.remove(run / name)
+
+
+def test_training_on_a_float16_cache_resumes_bit_exact(tmp_path):
+    """Rows mixed across shards, a held-out split, resume across epochs and shards."""
+    from hsae_jax.data import CacheWriter
+
+    synthetic = tiny().open_source()
+    rows = np.concatenate([np.asarray(synthetic.batch(i)) for i in range(6)])  # 768 x 16
+    with CacheWriter(str(tmp_path / "cache"), 16, dtype="float16", rows_per_shard=100) as w:
+        w.append(rows)
+    tc = tiny(data=str(tmp_path / "cache"), steps=16, save_every=8, eval_every=8)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(tc, str(straight), progress=False, log=lambda *_: None)
+    shutil.copytree(straight, killed)
+    kill_after_checkpoint(killed, 8)
+    train(tc, str(killed), resume=True, progress=False, log=lambda *_: None)
+    chex.assert_trees_all_equal(HierarchicalTopKSAE.load(str(straight)).params(),
+                                HierarchicalTopKSAE.load(str(killed)).params())
+    data = json.loads((straight / "cfg.json").read_text())["data"]
+    # 10% of 768 rows, in whole blocks of 16, held out; 16 steps x 128 rows > one epoch
+    assert data["held_out_rows"] == 80 and data["train_rows"] == 688
+    assert data["dtype"] == "float16" and "cache" in data["source"]
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["tokens"] == 80  # evaluated on the held-out rows only
+
+
 def test_resume_ignores_a_checkpoint_that_was_never_finished(tmp_path):
     train(tiny(), str(tmp_path), progress=False, log=lambda *_: None)
     step, path = state_params(tmp_path)

@@ -3,12 +3,13 @@
 Steps timed at (B, F, D) for each K, side by side in one process:
 - ``hsae``: hsae-jax's own trainer step (Triton top-k, sparse encoder backward, fused
   decoder loss, clip + Adam, decoder renorm, dead-latent counters), float32 inputs
-  (TF32 matmuls) and ``hsae-bf16`` (bf16 encoder/decoder inputs, float32 masters);
+  (TF32 matmuls), no latent dead; ``hsae-auxk``: the same with 10% of the latents dead in
+  every step, so AuxK runs (what a real run pays once latents die); ``hsae-bf16`` (bf16
+  encoder/decoder inputs, float32 masters);
 - ``naive-jax``: the textbook JAX step: dense autodiff through the encoder matmul,
   ``jax.lax.top_k``, the seed's two kernels (through jax-triton) for the loss, Adam;
 - ``torch``: PyTorch with ``torch.topk``, the seed's own kernel and fused Adam (with
   ``seed_module`` and a CUDA torch).
-No latent is dead in a timed step (fresh counters), so AuxK is skipped by its lax.cond.
 
 Pieces (``pieces=True``): the encoder matmul, top-k (ours, ``lax.top_k``, ``torch.topk``
 for k up to 256), the fused decoder loss forward + backward, the sparse encoder
@@ -35,7 +36,8 @@ from hsae_jax.topk import top_k
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.step import apply_gradients, make_mesh, make_optimizer, make_train_step
 
-STEP_IMPLS = ("hsae", "hsae-bf16", "naive-jax", "torch")
+STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-bf16", "naive-jax", "torch")
+DEAD_FRACTION = 0.1  # hsae-auxk: this share of the latents is dead in every timed step
 
 
 @dataclasses.dataclass
@@ -55,21 +57,28 @@ class StepBenchSettings:
     @classmethod
     def tiny(cls, **overrides) -> StepBenchSettings:
         base = dict(batch=64, n_latents=256, d_model=32, ks=(8,), topk_ks=(8,), iters=3,
-                    warmup=1, impls=("hsae", "naive-jax"))
+                    warmup=1, impls=("hsae", "hsae-auxk", "naive-jax"))
         return cls(**{**base, **overrides})
 
 
-def _hsae_step(b, f, d, k, dtype: str):
+def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
+    """hsae-jax's trainer step; with ``dead_fraction`` that share of the latents is dead
+    (AuxK runs) in every call: the dead-latent counters are not carried between calls."""
     tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
                                steps=10_000)
     cfg = tc.sae
     tx = make_optimizer(tc)
     step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
     params, stats = init_arrays(cfg, jax.random.key(0))
+    dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
+    stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)
     state = [params, stats, tx.init(params)]
 
     def run(x):
-        state[0], state[1], state[2], metrics = step(*state, x)
+        fixed = jax.tree.map(jnp.copy, stats) if dead_fraction else state[1]
+        state[0], carried, state[2], metrics = step(state[0], fixed, state[2], x)
+        if not dead_fraction:
+            state[1] = carried
         return metrics["loss"]
 
     return run
@@ -187,7 +196,8 @@ def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
                 else:
                     run = (_naive_step(b, f, d, k) if name == "naive-jax" else
                            _hsae_step(b, f, d, k, "bfloat16" if name.endswith("bf16")
-                                      else "float32"))
+                                      else "float32",
+                                      DEAD_FRACTION if name == "hsae-auxk" else 0.0))
                     stats = common.time_calls(lambda r=run: r(x), warmup=settings.warmup,
                                               iters=settings.iters)
                     row["peak_bytes"] = _jax_peak()

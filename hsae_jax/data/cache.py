@@ -15,12 +15,12 @@ import collections
 import json
 import os
 import re
-import struct
-import threading
 from typing import Any
 
 import numpy as np
 
+from hsae_jax.data.layout import array_layout, numpy_dtype
+from hsae_jax.data.rows import MappedRows, Segment
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 
 FORMAT = "hsae-activation-cache"
@@ -32,18 +32,13 @@ MANIFEST_KEYS = ("format", "version", "dtype", "d_model", "rows_per_shard", "tot
                  "shards", "complete", "provenance", "writer_state")
 # files a writer owns: shards, their temporaries and the manifest's temporaries
 _OWNED = re.compile(r"^(shard-.*|manifest\.json\.tmp-.*)$")
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 def cache_dtype(name: str) -> np.dtype:
     """The numpy dtype of a cache dtype name (bfloat16 is ``ml_dtypes.bfloat16``)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    if name in ("float16", "float32"):
-        return np.dtype(name)
-    raise ValueError(f"dtype {name!r} is not one of float16, bfloat16, float32")
+    if name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype {name!r} is not one of float16, bfloat16, float32")
+    return numpy_dtype(name)
 
 
 def shard_name(index: int, shard_format: str) -> str:
@@ -142,86 +137,33 @@ def _check_manifest(mpath: str, m: Any) -> None:
 # ------------------------------------------------------------------------------- shards
 
 
-def _shard_layout(path: str) -> tuple[np.dtype, tuple[int, ...], int, bool]:
-    """(dtype, shape, data offset, fortran_order) of a shard, from its header alone."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if path.endswith(".npy"):
-            try:
-                version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                if read_header is None:
-                    raise ValueError(f"format version {version} (expected 1.0 or 2.0)")
-                shape, fortran, dtype = read_header(f)
-            except (ValueError, OSError) as err:
-                raise ValueError(f"{path}: not a readable .npy file ({err})") from None
-            offset = f.tell()
-        else:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"{path}: not a safetensors file (header of {n} bytes in a "
-                                 f"file of {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ValueError(f"{path}: safetensors header is not valid JSON") from None
-            info = header.get(TENSOR_NAME) if isinstance(header, dict) else None
-            if not isinstance(info, dict):
-                names = [k for k in header if k != "__metadata__"] if isinstance(
-                    header, dict) else []
-                raise ValueError(f"{path}: holds no tensor named {TENSOR_NAME!r} (it has "
-                                 f"{names})")
-            name = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if name is None:
-                raise ValueError(f"{path}: tensor dtype {info.get('dtype')!r}, expected one of "
-                                 f"{sorted(_SAFETENSORS_DTYPES)}")
-            dtype, shape, fortran = cache_dtype(name), tuple(info["shape"]), False
-            begin, end = info["data_offsets"]
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(f"{path}: data_offsets {begin}..{end} do not fit shape "
-                                 f"{shape} of {name}")
-            offset = 8 + n + begin
-    need = offset + int(np.prod(shape)) * dtype.itemsize
-    if size < need:
-        raise ValueError(f"{path}: truncated ({size} bytes, its header needs {need})")
-    return dtype, shape, offset, fortran
-
-
 def _check_shard(path: str, dtype: np.dtype, rows: int, d_model: int) -> int:
     """Checks one shard against its manifest entry; returns the data offset."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (listed in {MANIFEST})")
-    got_dtype, shape, offset, fortran = _shard_layout(path)
-    if len(shape) != 2:
-        raise ValueError(f"{path}: shape {shape}, expected a 2-D [rows, d_model] matrix")
+    got_dtype, shape, offset = array_layout(
+        path, TENSOR_NAME if path.endswith(".safetensors") else None)
     if shape[1] != d_model:
         raise ValueError(f"{path}: {shape[1]} columns, expected d_model={d_model}")
     if shape[0] != rows:
         raise ValueError(f"{path}: {shape[0]} rows, the manifest lists {rows}")
     if got_dtype != dtype:
         raise ValueError(f"{path}: dtype {got_dtype}, the manifest says {dtype}")
-    if fortran:
-        raise ValueError(f"{path}: stored column-major (fortran_order); shards are row-major")
     return offset
 
 
 # ------------------------------------------------------------------------------- reader
 
 
-class ActivationCache:
+class ActivationCache(MappedRows):
     """Read access to a sharded activation cache.
 
     Everything is checked when the object is made (manifest keys and values, every
     shard's header: file present, 2-D, ``d_model`` columns, the listed rows, the dtype;
     counts adding up; ``complete``), so a broken cache fails before any work. Rows come
     back in the stored dtype (:attr:`dtype`: float16, float32, or ``ml_dtypes.bfloat16``,
-    which is ``jnp.bfloat16``), read from memory-mapped shards: one call touches only
-    the rows it returns. Calls may come from any one thread at a time or several (the
-    table of open shards is locked).
+    which is ``jnp.bfloat16``), read from memory-mapped shards (:class:`MappedRows`:
+    ``read(start, stop)``, ``take(ids)``): one call touches only the rows it returns.
 
     Args:
       path: the cache directory.
@@ -242,35 +184,15 @@ class ActivationCache:
         if manifest["total_rows"] == 0:
             raise ValueError(f"{mpath}: empty cache (no rows)")
         self.manifest = manifest
-        self._dtype = cache_dtype(manifest["dtype"])
-        d_model = manifest["d_model"]
-        self._files, self._offsets, rows = [], [], []
+        dtype = cache_dtype(manifest["dtype"])
+        segments = []
         for entry in manifest["shards"]:
             file = os.path.join(path, entry["file"])
-            self._offsets.append(_check_shard(file, self._dtype, entry["rows"], d_model))
-            self._files.append(file)
-            rows.append(entry["rows"])
-        self.shard_rows = tuple(rows)
-        self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)  # [S + 1]
-        self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._max_open = max(1, max_open_shards)
-        self._lock = threading.Lock()
-
-    # -- metadata
-    @property
-    def n_rows(self) -> int:
-        return int(self.manifest["total_rows"])
-
-    def __len__(self) -> int:
-        return self.n_rows
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
+            offset = _check_shard(file, dtype, entry["rows"], manifest["d_model"])
+            if entry["rows"]:
+                segments.append(Segment(file, offset, entry["rows"]))
+        self.shard_rows = tuple(entry["rows"] for entry in manifest["shards"])
+        super().__init__(segments, dtype, manifest["d_model"], max_open=max_open_shards)
 
     @property
     def provenance(self) -> dict:
@@ -282,71 +204,8 @@ class ActivationCache:
 
     def describe(self) -> str:
         more = "" if self.complete else " (incomplete)"
-        return (f"{self.path}: {self.n_rows} x {self.d_model} {self._dtype} in "
+        return (f"{self.path}: {self.n_rows} x {self.d_model} {self.dtype} in "
                 f"{len(self.shard_rows)} shards{more}")
-
-    # -- reading
-    def _shard(self, index: int) -> np.ndarray:
-        with self._lock:
-            array = self._open.get(index)
-            if array is not None:
-                self._open.move_to_end(index)
-                return array
-            array = np.memmap(self._files[index], dtype=self._dtype, mode="r",
-                              offset=self._offsets[index],
-                              shape=(self.shard_rows[index], self.d_model))
-            self._open[index] = array
-            while len(self._open) > self._max_open:
-                self._open.popitem(last=False)
-            return array
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start <= i < stop`` as a new [stop - start, D] array of :attr:`dtype`."""
-        start, stop = int(start), int(stop)
-        if not 0 <= start <= stop <= self.n_rows:
-            raise IndexError(f"read({start}, {stop}): need 0 <= start <= stop <= n_rows="
-                             f"{self.n_rows}")
-        out = np.empty((stop - start, self.d_model), self._dtype)
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            first = int(self._starts[shard])
-            end = min(stop, int(self._starts[shard + 1]))
-            out[pos - start:end - start] = self._shard(shard)[pos - first:end - first]
-            pos, shard = end, shard + 1
-        return out
-
-    def take(self, rows) -> np.ndarray:
-        """Rows by global id: ``rows`` [n] integers in [0, n_rows), any order, repeats
-        allowed -> a new [n, D] array of :attr:`dtype`, in the given order.
-
-        Ids are sorted and grouped by shard; a contiguous run is copied as one slice,
-        anything else by one gather from the shard's memory map.
-        """
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
-            raise TypeError(f"take: rows must be a 1-D integer array, got {rows.dtype} "
-                            f"shape {rows.shape}")
-        out = np.empty((rows.size, self.d_model), self._dtype)
-        if rows.size == 0:
-            return out
-        order = np.argsort(rows, kind="stable")
-        ids = rows[order].astype(np.int64)
-        if ids[0] < 0 or ids[-1] >= self.n_rows:
-            bad = ids[0] if ids[0] < 0 else ids[-1]
-            raise IndexError(f"take: row {bad} is outside [0, n_rows={self.n_rows})")
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
-        cuts = np.concatenate([[0], np.flatnonzero(np.diff(shard_of)) + 1, [ids.size]])
-        for a, b in zip(cuts[:-1], cuts[1:], strict=False):
-            shard = int(shard_of[a])
-            local = ids[a:b] - self._starts[shard]
-            data = self._shard(shard)
-            lo, hi = int(local[0]), int(local[-1]) + 1
-            if hi - lo == b - a and np.all(np.diff(local) == 1):
-                out[order[a:b]] = data[lo:hi]
-            else:
-                out[order[a:b]] = data[local]
-        return out
 
 
 # ------------------------------------------------------------------------------- writer

@@ -36,9 +36,17 @@ class TrainConfig:
     clip_norm: float = setting(1.0, "global gradient-norm clip (0: off)")
     seed: int = setting(0, "seed of the initialisation and the data order")
     # data
-    data: str | None = setting(None, "activations file [N, D] (.npy or .safetensors); "
-                               "default: the embedded synthetic generator")
-    data_key: str | None = setting(None, "tensor name inside a .safetensors file")
+    data: str | None = setting(None, "activations: a cache directory (hsae harvest), a [N, D] "
+                               ".npy / .safetensors file, or a glob of files; default: the "
+                               "embedded synthetic generator")
+    data_key: str | None = setting(None, "tensor name inside .safetensors files")
+    eval_fraction: float | None = setting(
+        None, "share of --data rows held out for evaluation (default: enough for "
+        "--eval-batches, at most a tenth; 0: evaluate on training rows)")
+    eval_data: str | None = setting(None, "separate activations to evaluate on (nothing is "
+                                    "held out of --data then)")
+    block_rows: int = setting(16, "consecutive rows read together when mixing --data")
+    prefetch: int = setting(4, "batches read ahead of the step on a background thread")
     synthetic_features: int = setting(256, "synthetic data: number of true features")
     synthetic_active: float = setting(12.0, "synthetic data: mean active features per token")
     # bookkeeping
@@ -53,7 +61,7 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.sae must be a SAEConfig, got {type(self.sae).__name__}")
         backends.validate_backend(self.backend)
         for name in ("batch_size", "steps", "log_every", "eval_every", "eval_batches",
-                     "save_every", "synthetic_features"):
+                     "save_every", "synthetic_features", "block_rows", "prefetch"):
             _check_int(name, getattr(self, name), 1)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("seed", self.seed, 0)
@@ -64,6 +72,14 @@ class TrainConfig:
         _check_float("synthetic_active", self.synthetic_active, 0.0, inclusive=False)
         if self.lr is not None:
             _check_float("lr", self.lr, 0.0, inclusive=False)
+        if self.eval_fraction is not None:
+            _check_float("eval_fraction", self.eval_fraction, 0.0, 0.9)
+        if self.eval_data is not None and self.eval_fraction:
+            raise ValueError("TrainConfig.eval_data replaces the held-out rows: leave "
+                             "--eval-fraction unset with --eval-data")
+        if self.eval_data is not None and self.data is None:
+            raise ValueError("TrainConfig.eval_data needs --data (the synthetic generator "
+                             "evaluates on its own batches)")
 
     @classmethod
     def from_flat(cls, **settings: Any) -> TrainConfig:
@@ -109,7 +125,9 @@ class TrainConfig:
         synthetic = SyntheticConfig(d_model=self.sae.d_model, n_features=self.synthetic_features,
                                     mean_active=self.synthetic_active, seed=self.seed)
         return open_source(self.data, self.batch_size, seed=self.seed, data_key=self.data_key,
-                           synthetic=synthetic)
+                           synthetic=synthetic, eval_fraction=self.eval_fraction,
+                           eval_batches=self.eval_batches, eval_data=self.eval_data,
+                           block_rows=self.block_rows)
 
     def kernels(self) -> KernelSettings:
         """The runtime settings of the ops: ``backend`` and ``deterministic``."""

@@ -20,6 +20,7 @@ import time
 import jax
 
 from hsae_jax.data import eval_batches
+from hsae_jax.data.loader import Prefetcher
 from hsae_jax.evaluate import evaluate
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.model import init_arrays, save_model_files
@@ -37,7 +38,7 @@ from hsae_jax.train.step import (
 
 # settings a resumed run may change; every other one must match the checkpoint
 RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every",
-                     "devices", "backend"}
+                     "devices", "backend", "prefetch"}
 
 
 def read_records(path: str, upto_step: int) -> list[dict]:
@@ -171,9 +172,10 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
     step_fn = make_train_step(cfg, tx, mesh, kernels)
+    batches = Prefetcher(source, range(start, tc.steps), lambda x: shard_batch(x, mesh),
+                         depth=tc.prefetch)
     try:
-        for step in range(start, tc.steps):
-            x = shard_batch(source.batch(step), mesh)
+        for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
             state = dict(zip(("params", "stats", "opt_state"), values, strict=True))
             done = step + 1
@@ -188,6 +190,7 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
                 ckpt.save(done, state, {"step": done, "train_config": tc.to_flat(),
                                         "skipped_steps": int(state["opt_state"].total_notfinite)})
     finally:
+        batches.close()
         records.close()
         ckpt.close()
     last_eval = records.last_eval or evaluate_state(state["params"], state["stats"])
@@ -197,8 +200,9 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
 def _finish(tc: TrainConfig, cfg, state, last_eval: dict, source, out_dir: str, jsonl: str,
             log) -> dict:
     """Writes the model, metrics.json and the plots; returns metrics.json's contents."""
+    data = {"source": source.describe(), **(source.split() if hasattr(source, "split") else {})}
     save_model_files(out_dir, cfg, state["params"], state["stats"],
-                     {"train": tc.to_flat(), "data": source.describe()})
+                     {"train": tc.to_flat(), "data": data})
     summary = {**last_eval, "steps": tc.steps,
                "skipped_steps": int(state["opt_state"].total_notfinite)}
     atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)

@@ -1,0 +1,152 @@
+"""The trainer's own loop, end to end, on the data users train on: ``hsae bench --train``.
+
+Each run is ``hsae_jax.train.train`` writing a real run folder; its tokens/s come from
+the run's own ``metrics.jsonl`` (steady state: the median over the log intervals after
+the first, which holds compilation). Runs:
+
+- ``synthetic``: the embedded generator (batches made on the device);
+- ``npy-float32`` / ``npy-float16``: one ``[N, D]`` ``.npy`` file of activations;
+- ``cache-float16``: a sharded activation cache (docs/activation-cache.md);
+- ``dead-auxk`` / ``dead-no-auxk``: synthetic data with a short ``dead_tokens`` so that
+  latents die and AuxK runs, and the same with AuxK off (the pair the AuxK goal compares).
+
+The data files hold rows of the synthetic generator (written once into ``work_dir``), so
+every run trains on the same kind of activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+
+import jax
+import numpy as np
+
+from hsae_jax.bench import common
+from hsae_jax.data import CacheWriter
+from hsae_jax.io_utils import atomic_write_json
+from hsae_jax.train import TrainConfig, train
+
+RUNS = ("synthetic", "npy-float32", "npy-float16", "cache-float16", "dead-auxk",
+        "dead-no-auxk")
+
+
+@dataclasses.dataclass
+class TrainBenchSettings:
+    batch: int = 4096
+    n_latents: int = 65536
+    d_model: int = 2304
+    k: int = 64
+    steps: int = 300
+    log_every: int = 25
+    rows: int = 400_000
+    dead_tokens: int = 8192
+    synthetic_features: int = 16384
+    synthetic_active: float = 48.0
+    backend: str = "auto"
+    runs: tuple[str, ...] = RUNS
+    work_dir: str = "bench_train_runs"
+    out: str = "bench_train.json"
+
+    @classmethod
+    def tiny(cls, **overrides) -> TrainBenchSettings:
+        base = dict(batch=64, n_latents=256, d_model=32, k=8, steps=24, log_every=4, rows=4096,
+                    dead_tokens=128, synthetic_features=64, synthetic_active=6.0)
+        return cls(**{**base, **overrides})
+
+
+def _common(s: TrainBenchSettings) -> dict:
+    return dict(d_model=s.d_model, n_latents=s.n_latents, k=s.k, batch_size=s.batch,
+                steps=s.steps, log_every=s.log_every, eval_every=s.steps, save_every=s.steps,
+                eval_batches=1, warmup_steps=min(100, s.steps // 4), backend=s.backend,
+                synthetic_features=s.synthetic_features, synthetic_active=s.synthetic_active)
+
+
+def write_data(s: TrainBenchSettings, log=print) -> dict[str, str]:
+    """The data files of the file runs, from the synthetic generator (made once)."""
+    os.makedirs(s.work_dir, exist_ok=True)
+    source = TrainConfig.from_flat(**_common(s)).open_source()
+    paths = {"npy-float32": os.path.join(s.work_dir, "acts-float32.npy"),
+             "npy-float16": os.path.join(s.work_dir, "acts-float16.npy"),
+             "cache-float16": os.path.join(s.work_dir, "cache-float16")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    log(f"writing {s.rows} x {s.d_model} rows of synthetic activations to {s.work_dir}")
+    f32 = np.lib.format.open_memmap(paths["npy-float32"] + ".tmp.npy", mode="w+",
+                                    dtype=np.float32, shape=(s.rows, s.d_model))
+    f16 = np.lib.format.open_memmap(paths["npy-float16"] + ".tmp.npy", mode="w+",
+                                    dtype=np.float16, shape=(s.rows, s.d_model))
+    with CacheWriter(paths["cache-float16"], s.d_model, dtype="float16",
+                     rows_per_shard=max(1, s.rows // 8), overwrite=True,
+                     provenance={"source": "hsae bench --train: synthetic"}) as cache:
+        step = 10_000  # batches no training run draws
+        for start in range(0, s.rows, s.batch):
+            rows = np.asarray(source.batch(step))[: s.rows - start]
+            step += 1
+            f32[start:start + len(rows)] = rows
+            f16[start:start + len(rows)] = rows
+            cache.append(rows)
+    for name in ("npy-float32", "npy-float16"):
+        (f32 if name.endswith("32") else f16).flush()
+        os.replace(paths[name] + ".tmp.npy", paths[name])
+    return paths
+
+
+def steady_tokens_per_s(run_dir: str) -> dict:
+    """Median tokens/s over the log intervals after the first (compilation), and more."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    logs = [r for r in records if "tokens_per_s" in r]
+    rates = [r["tokens_per_s"] for r in logs[1:]] or [logs[-1]["tokens_per_s"]]
+    return {"tokens_per_s": statistics.median(rates), "intervals": len(rates),
+            "dead_fraction": logs[-1]["dead_fraction"],
+            "auxk_loss": logs[-1]["auxk_loss"], "skipped_steps": logs[-1]["skipped_steps"]}
+
+
+def run(settings: TrainBenchSettings, log=print) -> dict:
+    s = settings
+    log(f"trainer loop: B={s.batch} F={s.n_latents} D={s.d_model} K={s.k}, {s.steps} steps")
+    paths = write_data(s, log) if any(r.startswith(("npy", "cache")) for r in s.runs) else {}
+    rows = []
+    for name in s.runs:
+        flat = _common(s)
+        if name in paths:
+            flat.update(data=paths[name], eval_fraction=0.01)
+        if name.startswith("dead"):
+            flat.update(dead_tokens=s.dead_tokens,
+                        auxk_coef=0.0 if name == "dead-no-auxk" else 1.0 / 32.0)
+        run_dir = os.path.join(s.work_dir, f"run-{name}")
+        if os.path.exists(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir)
+        row = {"run": name}
+        try:
+            train(TrainConfig.from_flat(**flat), run_dir, progress=False, log=lambda *_: None)
+            row.update(steady_tokens_per_s(run_dir))
+            row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
+        except Exception as err:  # noqa: BLE001 - one failure must not stop the table
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        log(f"  {name}: {row.get('tokens_per_s', row.get('error'))}")
+        rows.append(row)
+    by = {r["run"]: r.get("tokens_per_s") for r in rows}
+    for r in rows:
+        base = by.get("dead-no-auxk") if r["run"] == "dead-auxk" else by.get("synthetic")
+        if r.get("tokens_per_s") and base and r["run"] != "synthetic":
+            r["vs_baseline"] = r["tokens_per_s"] / base
+    payload = {"benchmark": "trainer_loop", "device": common.device_info(),
+               "workload": dict(batch=s.batch, n_latents=s.n_latents, d_model=s.d_model,
+                                k=s.k, steps=s.steps, rows=s.rows,
+                                dead_tokens=s.dead_tokens),
+               "devices": len(jax.devices()), "runs": rows}
+    atomic_write_json(s.out, payload)
+    log("")
+    log(common.markdown_table(rows, [
+        ("run", "run", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "step ms", ".2f"),
+        ("vs_baseline", "vs baseline", ".2f"), ("dead_fraction", "dead", ".3f"),
+        ("skipped_steps", "skipped", ".0f"), ("error", "error", "s")]))
+    log("baseline: synthetic (for dead-auxk: dead-no-auxk)")
+    log(f"\nwrote {s.out}")
+    return payload
