@@ -144,9 +144,12 @@ def _add_export(sub) -> None:
 def _export(args) -> int:
     from hsae_jax.interop import export_run, verify_export
 
-    result = export_run(args.run_dir, args.out_dir, format=args.format, k=args.k,
-                        budgets=args.budgets, force=args.force, model_name=args.model_name,
-                        hook_name=args.hook_name)
+    try:
+        result = export_run(args.run_dir, args.out_dir, format=args.format, k=args.k,
+                            budgets=args.budgets, force=args.force,
+                            model_name=args.model_name, hook_name=args.hook_name)
+    except ImportError as err:  # torch, for dictionary_learning's ae.pt
+        raise ValueError(str(err)) from err
     for entry in result["budgets"] if "folder" not in result else [result]:
         fvu = "" if entry["fvu"] is None else f" (FVU {entry['fvu']:.4f})"
         folder = os.path.normpath(os.path.join(args.out_dir, entry["folder"]))

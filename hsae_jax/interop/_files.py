@@ -24,8 +24,15 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def read_json(path: str, what: str) -> dict:
+    """The JSON file ``path``; if missing, an error that says ``what`` and names the
+    sub-folders holding that file name (a multi-budget export: pass one of them)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {what}")
+        folder, name = os.path.split(path)
+        subs = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                      if os.path.isfile(os.path.join(folder, d, name)))
+        hint = f"; it has sub-folders with one, pass one of them: {', '.join(subs)}" \
+            if subs else ""
+        raise FileNotFoundError(f"{path} not found: {what}{hint}")
     with open(path) as f:
         return json.load(f)
 

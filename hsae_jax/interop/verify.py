@@ -40,7 +40,7 @@ class BudgetCheck:
 def _torch_input(x):
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    return torch.from_numpy(np.array(x, np.float32))  # a writable copy
 
 
 def run_saelens(folder: str, x: np.ndarray):
