@@ -288,3 +288,13 @@ def test_bfloat16_saelens_weights_import_as_float32(tmp_path):
     assert sae.W_enc[...].dtype == np.float32 and sae.W_enc[...].shape == (10, 6)
     np.testing.assert_allclose(np.asarray(sae.W_enc[...]), tensors["W_enc"].T, rtol=1e-2,
                                atol=1e-2)
+
+
+def test_budgets_and_k_accept_numpy_integers(run, tmp_path):
+    assert parse_budgets(np.int64(3)) == (3,)
+    assert parse_budgets([np.int32(4), 2]) == (2, 4)
+    export_run(run, str(tmp_path / "o"), format="sparsify", k=np.int64(5))
+    assert json.loads((tmp_path / "o" / "cfg.json").read_text())["k"] == 5
+    for bad in ([2.5], [True], 2.0):
+        with pytest.raises(ValueError, match="must be an integer"):
+            parse_budgets(bad)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
 
 import numpy as np
@@ -38,7 +39,9 @@ from hsae_jax.model import load_model_files
 backends.import_triton("compiled" if KERNEL_BACKEND == "triton" else "interpret")
 os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # its Triton decoder needs a GPU
 
-import sae_lens  # noqa: E402
+with warnings.catch_warnings():  # transformer_lens's own deprecation notice, at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import sae_lens
 import sparsify  # noqa: E402
 import torch  # noqa: E402
 

@@ -13,6 +13,7 @@ either absent, the old one, or complete; an existing non-empty OUT is replaced o
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 from collections.abc import Sequence
@@ -35,10 +36,19 @@ INDEX = "hsae_export.json"
 RUN_FILES = ("cfg.json", "sae.safetensors")
 
 
+def _integer(name: str, value) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} must be an integer") from None
+
+
 def parse_budgets(budgets: str | int | Sequence[int]) -> tuple[int, ...]:
     """``"8,16,32"`` (or a sequence of ints) -> (8, 16, 32), sorted, without repeats."""
-    if isinstance(budgets, int):
-        budgets = (budgets,)
+    if not isinstance(budgets, str) and not isinstance(budgets, Sequence):
+        budgets = (_integer("budgets", budgets),)
     if isinstance(budgets, str):
         parts = [p.strip() for p in budgets.split(",") if p.strip()]
         try:
@@ -49,9 +59,8 @@ def parse_budgets(budgets: str | int | Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"budgets={budgets!r} is not a comma-separated list of "
                              "integers (e.g. 8,16,32)")
     else:
-        values = list(budgets)
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool)
-                                 for v in values):
+        values = [_integer("budgets", v) for v in budgets]
+        if not values:
             raise ValueError(f"budgets={budgets!r} must be a non-empty list of integers")
     return tuple(sorted(set(values)))
 
@@ -122,9 +131,7 @@ def export_run(run_dir: str, out_dir: str, *, format: str, k: int | None = None,
         for value in values:
             _check_budget("budgets", value, cfg.k)
     else:
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-            raise ValueError(f"k={k!r} must be an integer")
-        values = (cfg.k if k is None else k,)
+        values = (cfg.k if k is None else _integer("k", k),)
         _check_budget("k", values[0], cfg.k)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"out_dir={out_dir!r} exists and is not a folder")

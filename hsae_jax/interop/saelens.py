@@ -87,6 +87,8 @@ def read_saelens(path: str) -> tuple[int, dict, dict]:
     ``rescale_acts_by_decoder_norm`` (b_enc *= |W_dec_f|, W_enc[:, f] *= |W_dec_f|,
     W_dec_f /= |W_dec_f|, as SAELens's own fold) and ``apply_b_dec_to_input=False``
     (b_enc += b_dec @ W_enc). Anything else that changes the math is refused.
+    ``reshape_activations="hook_z"`` only says inputs arrive as [.., n_heads, d_head]:
+    the imported model takes them flattened, [B, n_heads * d_head].
     """
     cfg = _files.read_json(os.path.join(path, CONFIG), "not a SAELens folder (cfg.json)")
     if _files.looks_like_hsae_run(cfg) and "d_in" not in cfg:

@@ -89,6 +89,7 @@ RUNNERS = {"saelens": run_saelens, "sparsify": run_sparsify,
 def hsae_outputs(run_dir: str, x: np.ndarray, budgets):
     """{k: (acts [B, F] dense float64, x_hat [B, D] float64)} from hsae-jax itself."""
     cfg, params, stats = load_model_files(run_dir)
+    cfg = dataclasses.replace(cfg, backend="auto")  # whatever runs here, not the run's
     vals, idx = encode_arrays(cfg, params, stats, x)  # [B, K], sorted descending
     vals, idx = np.asarray(vals, np.float64), np.asarray(idx)
     out = {}
