@@ -12,7 +12,9 @@ dict of ``AutoEncoderTopK``, loaded with ``torch.load`` and a strict ``load_stat
 Its ``encode(x)`` is ``ReLU(encoder(x - b_dec))``, then ``topk(k, sorted=False)``
 scattered into a dense [B, F] tensor; ``decode(f) = decoder(f) + b_dec``. So it is the
 same TopK SAE as sparsify's (ReLU before top-k). ``threshold`` is only used with
-``encode(use_threshold=True)``; we leave it at -1 (unset).
+``encode(use_threshold=True)``; we leave it at -1 (unset). Loading does not renormalise
+the decoder, but its ``TopKTrainer`` sets decoder columns to unit norm after every step:
+fine-tuning the export there would undo the fold (decoder columns have norm 1/s).
 
 Writing ``ae.pt`` needs torch. The package itself (nnsight < 0.4, a CUDA torch) is not
 needed to export.

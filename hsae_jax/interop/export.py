@@ -186,16 +186,19 @@ def export_run(run_dir: str, out_dir: str, *, format: str, k: int | None = None,
         }
         if budgets is not None:
             atomic_write_json(os.path.join(staging, INDEX), index)
-        _swap_into_place(staging, out_dir)
+        _swap_into_place(staging, out_dir, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return index if budgets is not None else {**index, **entries[0]}
 
 
-def _swap_into_place(staging: str, out_dir: str) -> None:
+def _swap_into_place(staging: str, out_dir: str, force: bool) -> None:
     """Renames ``staging`` to ``out_dir``, replacing (then deleting) an existing one."""
     old = None
     if os.path.isdir(out_dir):
+        if os.listdir(out_dir) and not force:  # filled while we were writing
+            raise FileExistsError(f"out_dir={out_dir!r} was filled during the export: "
+                                  "pass --force (force=True) to replace it")
         old = f"{os.path.abspath(out_dir).rstrip(os.sep)}.old-export-{os.getpid()}"
         os.rename(out_dir, old)
     try:
