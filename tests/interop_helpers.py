@@ -85,6 +85,8 @@ def activations(run_dir: str, seed: int, n: int = 256) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scale = float(stats["input_scale"])
     x = (np.asarray(params["b_dec"]) + rng.normal(size=(n, cfg.d_model))) / scale
-    if abs(scale - RANDOM_SCALE) > 1e-6:  # the trained run: its own data distribution
-        x = np.asarray(_Scaled(seed + 1).batch(10_000 + seed))[:n]
+    if abs(scale - RANDOM_SCALE) > 1e-6:  # the trained run: unseen batches of its data
+        source = _Scaled(0)
+        steps = range(10_000 + 100 * seed, 10_000 + 100 * seed + -(-n // 128))
+        x = np.concatenate([np.asarray(source.batch(s)) for s in steps])[:n]
     return np.asarray(x, np.float32)
