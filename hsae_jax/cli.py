@@ -1,4 +1,4 @@
-"""The ``hsae`` command line: ``train``, ``eval`` and ``bench``."""
+"""The ``hsae`` command line: ``train``, ``eval``, ``bench`` and ``export``."""
 
 from __future__ import annotations
 
@@ -158,15 +158,70 @@ def _eval(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    from hsae_jax.interop.export import FORMATS
+
+    p = sub.add_parser(
+        "export", help="write a run as a SAELens / sparsify / dictionary_learning folder",
+        description="Writes RUN's SAE as folders the other library loads with its own "
+        "loader, input_scale folded into the weights (W_enc*s, W_dec/s, b_dec/s). "
+        "--budgets writes one sub-folder k<k> per budget and an index hsae_export.json.")
+    p.add_argument("run_dir", metavar="RUN", help="hsae-jax run folder (sae.safetensors, "
+                   "cfg.json; metrics.json if present gives FVU per k)")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (must be absent or empty "
+                   "unless --force)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="target library")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--k", type=int, help="one budget k <= K, written to OUT itself "
+                       "(default: the run's K)")
+    which.add_argument("--budgets", help="comma-separated budgets, e.g. 8,16,32: one "
+                       "sub-folder OUT/k<k> each")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--model-name", help="model the SAE reads (metadata; default: the run's)")
+    p.add_argument("--hook-name", help="hook point the SAE reads (metadata; default: the "
+                   "run's)")
+    p.add_argument("--verify", action="store_true", help="then load each folder with the "
+                   "library itself and compare with hsae-jax on random activations "
+                   "(needs the library installed)")
+
+
+def _export(args) -> int:
+    from hsae_jax.interop import export_run, verify_export
+
+    try:
+        result = export_run(args.run_dir, args.out_dir, format=args.format, k=args.k,
+                            budgets=args.budgets, force=args.force,
+                            model_name=args.model_name, hook_name=args.hook_name)
+    except ImportError as err:  # torch, for dictionary_learning's ae.pt
+        raise ValueError(str(err)) from err
+    for entry in result["budgets"] if "folder" not in result else [result]:
+        fvu = "" if entry["fvu"] is None else f" (FVU {entry['fvu']:.4f})"
+        folder = os.path.normpath(os.path.join(args.out_dir, entry["folder"]))
+        print(f"k={entry['k']}: {folder}{fvu}")
+    if not args.verify:
+        return 0
+    try:
+        checks = verify_export(args.run_dir, args.out_dir, format=args.format)
+    except ImportError as err:
+        raise ValueError(f"--verify needs the {args.format} library: {err}") from err
+    for c in checks:
+        print(f"verify k={c.k}: {'ok' if c.ok else 'MISMATCH'} (tokens with other latents "
+              f"{c.other_latents:.1%}, activation error {c.act_error:.2g}, reconstruction "
+              f"error {c.recon_error:.2g})")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "bench": _bench}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "bench": _bench, "export": _export}
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"hsae {args.command}: error: {_as_flags(str(err))}\n")
 
