@@ -2,13 +2,20 @@
 # GPU runs on the lent H200 (python3.12 stack, no network): installs the carried
 # jax-triton wheel from .whl/, prints versions, then runs each requested step, with logs
 # and JSON under $OUT. Usage: bash benchmarks/h200.sh STEP [STEP ...]
-#   tests        pytest -m gpu (the triton backend against the oracle and reference)
+# STACK=0.4 (with carry [".whl37"]) runs on jax-triton 0.4.1 + Triton 3.7.1 instead of the
+# machine's Triton 3.6 + jax-triton 0.3.1: .whl37/ holds jax_triton-0.4.1-py3-none-any.whl and
+# triton371-slim.tar.xz (the Triton 3.7.1 cp312 wheel unpacked, libtriton.so stripped of
+# debug symbols, without the Blackwell ptxas, cupti and profiler test libraries, so that it
+# fits one call's 64 MiB).
+#   tests        pytest -m gpu (the triton backend against the oracle and reference), 4 workers
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
 #   seed-jt      benchmarks/seed_via_jax_triton.py (the seed's kernels through jax-triton)
 #   floor        benchmarks/loss_floor.py (gather-only / scatter-only walks beside the fused kernel)
 #   sweep-topk   benchmarks/sweep_topk.py (top-k methods and launch settings, torch.topk)
 #   bench-step   hsae bench --step (whole training steps and their pieces)
+#   bench-train  hsae bench --train (the trainer's loop: synthetic, .npy f32/f16, f16 cache,
+#                dead latents with and without AuxK; D=2304, F=65536, K=64, B=4096)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
@@ -16,8 +23,16 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/hsae-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD"
+if [ "${STACK:-0.3}" = "0.4" ]; then
+  mkdir -p /tmp/site2 && tar -C /tmp/site2 -xJf .whl37/triton371-slim.tar.xz || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 \
+    .whl37/jax_triton-0.4.1-py3-none-any.whl || exit 1
+  export PYTHONPATH="/tmp/site2:$PWD"
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python3 - <<'PY'
 import jax, jaxlib, triton, torch, flax, optax, chex
@@ -31,7 +46,8 @@ status=0
 for step in "$@"; do
   echo "=== $step"
   case "$step" in
-    tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) python3 -m pytest -m gpu -q -p no:cacheprovider -n 4 tests 2>&1 \
+        | tee "$OUT/gpu_tests${STACK:+-$STACK}.log" ;;
     sweep) python3 benchmarks/sweep_loss.py --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/sweep_loss.json" 2>&1 | tee "$OUT/sweep.log" ;;
     seed-jt) python3 benchmarks/seed_via_jax_triton.py --seed-module .seed/hierarchical_kernels.py \
@@ -44,6 +60,8 @@ for step in "$@"; do
         --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" ;;
     bench-step) python3 -m hsae_jax.cli bench --step --seed-module .seed/hierarchical_kernels.py \
         --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" ;;
+    bench-train) python3 -m hsae_jax.cli bench --train --work-dir /tmp/bench-train \
+        --out "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log" ;;
     train) rm -rf /tmp/hsae-run && python3 -m hsae_jax.cli train --out /tmp/hsae-run \
         --no-progress --backend triton --d-model 2304 --n-latents 65536 --k 64 \
         --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \

@@ -41,8 +41,8 @@ os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # its Triton decoder needs a GPU
 
 with warnings.catch_warnings():  # transformer_lens's own deprecation notice, at import
     warnings.simplefilter("ignore", DeprecationWarning)
-    import sae_lens
-import sparsify  # noqa: E402
+    sae_lens = pytest.importorskip("sae_lens", reason="needs the interop extra (sae-lens)")
+sparsify = pytest.importorskip("sparsify", reason="needs the interop extra (eai-sparsify)")
 import torch  # noqa: E402
 
 DL_WHEEL = "dictionary_learning-0.1.0-py3-none-any.whl"
