@@ -7,12 +7,15 @@ reconstruction is reconstructed from the top ``aux_k`` dead latents of each toke
     loss = min(n_dead / aux_k, 1) * mean_{b,d}(residual - a @ W_dec)^2 / var(residual)
 
 ``auxk_loss`` computes only the dead latents' columns: their pre-activations (a
-[B, D] x [D, n] matmul over n columns), their top aux_k per token, and the
-reconstruction as a dense [B, n] x [n, D] product; autodiff gives the gradients of the
-dead latents' encoder and decoder rows, b_enc and b_dec. n is a static bucket that holds
-every dead latent (F/64, F/16, F/4 or F; ``lax.switch`` takes the smallest that fits), so
-a step with a few dead latents costs a few small matmuls instead of a second [B, F]
-encoder pass, a top-k with k = aux_k over F and a decoder walk over aux_k rows per token.
+[B, D] x [D, n] matmul over n columns), which of them are each token's top aux_k (a
+radix select on the values' order-preserving integer keys: a few counting passes, no
+sort, ties to the lower latent as ``top_k`` breaks them), and the reconstruction as a
+dense [B, n] x [n, D] product of the masked activations; autodiff gives the gradients of
+the dead latents' encoder and decoder rows, b_enc and b_dec. n is a static bucket that
+holds every dead latent (F/64, F/32, ..., F; ``lax.switch`` takes the smallest that fits),
+so a step with some dead latents costs a few matmuls over at most twice their columns
+instead of a second [B, F] encoder pass, a top-k with k = aux_k over F and a decoder walk
+over aux_k rows per token.
 ``auxk_loss_reference`` is that definition written plainly (the full encoder with the live
 latents masked off, then the TopK decoder loss); the tests check one against the other.
 """
@@ -28,9 +31,9 @@ from hsae_jax.encoder import topk_encode
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.loss import topk_sae_loss
 from hsae_jax.sparse_rows import weighted_row_sum
-from hsae_jax.topk import top_k
 
-BUCKET_DIVISORS = (64, 16, 4, 1)  # column buckets F / q for the dead latents
+BUCKET_DIVISORS = (64, 32, 16, 8, 4, 2, 1)  # column buckets F / q for the dead latents
+RADIX_BITS = 4  # bits of the k-th largest key found per counting pass
 
 
 def column_buckets(n_latents: int) -> tuple[int, ...]:
@@ -40,6 +43,34 @@ def column_buckets(n_latents: int) -> tuple[int, ...]:
 
 def _cast(compute_dtype: str, x):
     return x.astype(jnp.bfloat16) if compute_dtype == "bfloat16" else x
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (float total order: -inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+    """[B, n] bool: each row's k largest entries of ``x`` [B, n] float32, ties taken from
+    the lower column first: the set ``jax.lax.top_k(x, k)`` selects, without sorting.
+
+    The k-th largest key is found RADIX_BITS bits at a time from the top (each pass counts,
+    per row, the entries at or above 2**RADIX_BITS - 1 candidate prefixes); entries above
+    it are taken, and of those equal to it the first ``k - above`` by column.
+    """
+    keys = _ordered_keys(x)
+    threshold = jnp.zeros((x.shape[0], 1), jnp.uint32)
+    steps = jnp.arange(1, 2**RADIX_BITS, dtype=jnp.uint32)  # [R - 1]
+    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        candidates = threshold | (steps << shift)[None, :]  # [B, R - 1]
+        counts = jnp.sum(keys[:, :, None] >= candidates[:, None, :], axis=1)  # [B, R - 1]
+        threshold = threshold | (jnp.sum(counts >= k, axis=1, keepdims=True).astype(
+            jnp.uint32) << shift)
+    above = keys > threshold
+    ties = keys == threshold
+    room = k - jnp.sum(above, axis=1, keepdims=True)
+    return above | (ties & (jnp.cumsum(ties, axis=1) <= room))
 
 
 def main_residual(params, xs, vals, indices) -> jax.Array:
@@ -72,12 +103,9 @@ def _dead_columns_loss(cfg, params, xs, vals, indices, dead, num_dead,
     pre = jnp.dot(xc, _cast(cfg.compute_dtype, w_enc).T.astype(x.dtype),
                   preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
     pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
-    if columns <= aux_k:  # every dead latent is among a token's top aux_k
-        acts = jax.nn.relu(pre)
-    else:
-        values, positions = top_k(pre, aux_k, backend=kernels.backend, config=kernels.topk)
-        rows = jnp.arange(pre.shape[0])[:, None]
-        acts = jnp.zeros_like(pre).at[rows, positions].set(jax.nn.relu(values))
+    acts = jax.nn.relu(pre)
+    if columns > aux_k:  # else every dead latent is among a token's top aux_k
+        acts = jnp.where(top_k_mask(jax.lax.stop_gradient(pre), aux_k), acts, 0.0)
     w_dec = _cast(cfg.compute_dtype, w_dec).astype(jnp.float32)
     recon = jnp.dot(acts, w_dec, preferred_element_type=jnp.float32)  # [B, D]
     err = jnp.mean((residual - recon) ** 2)

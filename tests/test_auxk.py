@@ -10,7 +10,7 @@ import pytest
 from conftest import relative_error, requires_gpu, requires_interpreter
 
 from hsae_jax import KernelSettings, SAEConfig
-from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets
+from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets, top_k_mask
 from hsae_jax.model import encode_arrays, init_arrays, sae_loss, scale_inputs
 
 BACKENDS = [
@@ -38,10 +38,13 @@ def both(cfg, params, stats, x, dead, backend):
     xs = scale_inputs(stats, x)
     vals, indices = encode_arrays(cfg, params, stats, x, kernels=KernelSettings("xla"))
     out = []
-    for fn, on in ((auxk_loss, backend), (auxk_loss_reference, "xla")):
-        out.append(jax.jit(jax.value_and_grad(
-            lambda p, fn=fn, on=on: fn(cfg, p, xs, vals, indices, dead, KernelSettings(on))))(
-                params))
+    # full float32 matmuls on both sides (a GPU's default is TF32, which the Triton
+    # decoder loss of the reference does not use)
+    with jax.default_matmul_precision("highest"):
+        for fn, on in ((auxk_loss, backend), (auxk_loss_reference, "xla")):
+            out.append(jax.jit(jax.value_and_grad(
+                lambda p, fn=fn, on=on: fn(cfg, p, xs, vals, indices, dead,
+                                           KernelSettings(on))))(params))
     return out
 
 
@@ -107,8 +110,27 @@ def test_bf16_compute_matches_the_definition(rng_seed):
 
 
 def test_buckets_hold_any_number_of_dead_latents():
-    assert column_buckets(65536) == (1024, 4096, 16384, 65536)
+    assert column_buckets(65536) == (1024, 2048, 4096, 8192, 16384, 32768, 65536)
     assert column_buckets(3) == (1, 3)
+
+
+@pytest.mark.parametrize("ties", ["none", "many", "-inf and signed zeros"])
+def test_top_k_mask_selects_what_top_k_selects(ties, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    for _ in range(20):
+        b, n = rng.integers(1, 6), rng.integers(1, 90)
+        k = int(rng.integers(1, n + 1))
+        x = rng.normal(size=(b, n)).astype(np.float32)
+        if ties == "many":
+            x = np.round(x * 2) / 2
+        elif ties != "none":
+            x[:, rng.integers(0, n, size=n // 3)] = -np.inf
+            x[:, : n // 3] = 0.0
+            x[:, 0] = -0.0
+        _, idx = jax.lax.top_k(jnp.asarray(x), k)
+        expected = np.zeros((b, n), bool)
+        np.put_along_axis(expected, np.asarray(idx), True, axis=1)
+        np.testing.assert_array_equal(top_k_mask(jnp.asarray(x), k), expected)
 
 
 def test_the_training_objective_adds_auxk_only_with_dead_latents(rng_seed):
