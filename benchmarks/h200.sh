@@ -17,6 +17,7 @@
 #   bench-train  hsae bench --train (the trainer's loop: synthetic, .npy f32/f16, f16 cache,
 #                dead latents with and without AuxK; D=2304, F=65536, K=64, B=4096)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
+#   auxk-pieces  benchmarks/auxk_pieces.py (AuxK alone at several dead fractions, its pieces)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
 set -uo pipefail
@@ -67,6 +68,8 @@ for step in "$@"; do
         --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \
         --log-every 25 --eval-every 200 --save-every 400 2>&1 | tee "$OUT/train.log"
       cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
+    auxk-pieces) python3 benchmarks/auxk_pieces.py --out "$OUT/auxk_pieces.json" 2>&1 \
+        | tee "$OUT/auxk_pieces.log" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"

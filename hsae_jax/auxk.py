@@ -6,18 +6,23 @@ reconstruction is reconstructed from the top ``aux_k`` dead latents of each toke
     a    = relu(top_{aux_k} over the dead latents f of pre[b, f])     (zero elsewhere)
     loss = min(n_dead / aux_k, 1) * mean_{b,d}(residual - a @ W_dec)^2 / var(residual)
 
-``auxk_loss`` computes only the dead latents' columns: their pre-activations (a
-[B, D] x [D, n] matmul over n columns), which of them are each token's top aux_k (a
-radix select on the values' order-preserving integer keys: a few counting passes, no
-sort, ties to the lower latent as ``top_k`` breaks them), and the reconstruction as a
-dense [B, n] x [n, D] product of the masked activations; autodiff gives the gradients of
-the dead latents' encoder and decoder rows, b_enc and b_dec. n is a static bucket that
-holds every dead latent (F/64, F/32, ..., F; ``lax.switch`` takes the smallest that fits),
-so a step with some dead latents costs a few matmuls over at most twice their columns
-instead of a second [B, F] encoder pass, a top-k with k = aux_k over F and a decoder walk
-over aux_k rows per token.
-``auxk_loss_reference`` is that definition written plainly (the full encoder with the live
-latents masked off, then the TopK decoder loss); the tests check one against the other.
+Only the dead latents' columns are computed: their rows of W_enc, b_enc and W_dec are
+gathered, their pre-activations are one [B, D] x [D, n] matmul, each token's top aux_k of
+them a mask (:func:`hsae_jax.topk.top_k_mask`: a radix select, no sort, ties to the lower
+latent as ``top_k`` breaks them), and the reconstruction a dense [B, n] x [n, D] product
+of the masked activations. n is a static bucket that holds every dead latent (F/64, F/32,
+..., F; ``lax.switch`` takes the smallest that fits), so a step costs a few matmuls over at
+most twice the dead latents' columns, instead of a second [B, F] encoder pass, a top-k
+with k = aux_k over F and a decoder walk over aux_k rows per token.
+
+Two entry points:
+- :func:`auxk_loss`: the value, differentiable (for a model's ``loss``);
+- :func:`auxk_loss_and_add_grads`: what the trainer calls after the main gradients: the
+  value, and ``auxk_coef`` times its gradient added in place to the dead latents' rows of
+  the gradients, inside the same switch, so a step with no dead latent does nothing at
+  all and one with some touches only their rows.
+``auxk_loss_reference`` is the definition written plainly (the full encoder with the live
+latents masked off, then the TopK decoder loss); the tests check both against it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from hsae_jax.encoder import topk_encode
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.loss import topk_sae_loss
 from hsae_jax.sparse_rows import weighted_row_sum
+from hsae_jax.topk import top_k_mask
 
 BUCKET_DIVISORS = (64, 32, 16, 8, 4, 2, 1)  # column buckets F / q for the dead latents
-RADIX_BITS = 4  # bits of the k-th largest key found per counting pass
+ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # the parameters with one row per latent
 
 
 def column_buckets(n_latents: int) -> tuple[int, ...]:
@@ -43,34 +49,6 @@ def column_buckets(n_latents: int) -> tuple[int, ...]:
 
 def _cast(compute_dtype: str, x):
     return x.astype(jnp.bfloat16) if compute_dtype == "bfloat16" else x
-
-
-def _ordered_keys(x: jax.Array) -> jax.Array:
-    """float32 -> uint32 keys in the same order (float total order: -inf lowest)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def top_k_mask(x: jax.Array, k: int) -> jax.Array:
-    """[B, n] bool: each row's k largest entries of ``x`` [B, n] float32, ties taken from
-    the lower column first: the set ``jax.lax.top_k(x, k)`` selects, without sorting.
-
-    The k-th largest key is found RADIX_BITS bits at a time from the top (each pass counts,
-    per row, the entries at or above 2**RADIX_BITS - 1 candidate prefixes); entries above
-    it are taken, and of those equal to it the first ``k - above`` by column.
-    """
-    keys = _ordered_keys(x)
-    threshold = jnp.zeros((x.shape[0], 1), jnp.uint32)
-    steps = jnp.arange(1, 2**RADIX_BITS, dtype=jnp.uint32)  # [R - 1]
-    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
-        candidates = threshold | (steps << shift)[None, :]  # [B, R - 1]
-        counts = jnp.sum(keys[:, :, None] >= candidates[:, None, :], axis=1)  # [B, R - 1]
-        threshold = threshold | (jnp.sum(counts >= k, axis=1, keepdims=True).astype(
-            jnp.uint32) << shift)
-    above = keys > threshold
-    ties = keys == threshold
-    room = k - jnp.sum(above, axis=1, keepdims=True)
-    return above | (ties & (jnp.cumsum(ties, axis=1) <= room))
 
 
 def main_residual(params, xs, vals, indices) -> jax.Array:
@@ -87,29 +65,62 @@ def _normalized(err, residual, num_dead, aux_k):
     return jnp.where(variance > 0, scale * err / variance, 0.0)
 
 
-def _dead_columns_loss(cfg, params, xs, vals, indices, dead, num_dead,
-                       kernels: KernelSettings, columns: int):
-    """The AuxK loss computed on ``columns`` >= num_dead columns holding the dead latents."""
-    f, aux_k = cfg.n_latents, cfg.resolved_aux_k
-    residual = main_residual(params, xs, vals, indices)
-    latents = jnp.nonzero(dead, size=columns, fill_value=f)[0]  # [n] ascending; f: padding
-    is_dead = latents < f
-    w_enc = jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0)  # [n, D]
-    b_enc = jnp.take(params["b_enc"], latents, mode="fill", fill_value=0)  # [n]
-    w_dec = jnp.take(params["W_dec"], latents, axis=0, mode="fill", fill_value=0)  # [n, D]
-    # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on the dead columns only
+def _dead_rows(params, dead, columns: int):
+    """(latents [n] ascending, padded with F; their rows of W_enc, b_enc, W_dec; b_dec)."""
+    f = params["W_enc"].shape[0]
+    latents = jnp.nonzero(dead, size=columns, fill_value=f)[0]
+    rows = {name: jnp.take(params[name], latents, axis=0, mode="fill", fill_value=0)
+            for name in ROW_PARAMS}
+    return latents, {**rows, "b_dec": params["b_dec"]}
+
+
+def _loss_on_rows(cfg, kernels: KernelSettings, rows, xs, residual, is_dead, num_dead):
+    """The AuxK loss from the dead latents' rows (W_enc [n, D], b_enc [n], W_dec [n, D]) and
+    b_dec; ``is_dead`` [n] marks the real ones (the rest is padding)."""
+    aux_k = cfg.resolved_aux_k
+    # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on these columns only
     x = _cast(cfg.compute_dtype, xs)
-    xc = x - params["b_dec"].astype(x.dtype)
-    pre = jnp.dot(xc, _cast(cfg.compute_dtype, w_enc).T.astype(x.dtype),
-                  preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
+    xc = x - rows["b_dec"].astype(x.dtype)
+    pre = jnp.dot(xc, _cast(cfg.compute_dtype, rows["W_enc"]).T.astype(x.dtype),
+                  preferred_element_type=jnp.float32) + rows["b_enc"].astype(jnp.float32)
     pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
     acts = jax.nn.relu(pre)
-    if columns > aux_k:  # else every dead latent is among a token's top aux_k
-        acts = jnp.where(top_k_mask(jax.lax.stop_gradient(pre), aux_k), acts, 0.0)
-    w_dec = _cast(cfg.compute_dtype, w_dec).astype(jnp.float32)
+    if pre.shape[1] > aux_k:  # else every dead latent is among a token's top aux_k
+        acts = jnp.where(top_k_mask(pre, aux_k, backend=kernels.backend, config=kernels.topk),
+                         acts, 0.0)
+    w_dec = _cast(cfg.compute_dtype, rows["W_dec"]).astype(jnp.float32)
     recon = jnp.dot(acts, w_dec, preferred_element_type=jnp.float32)  # [B, D]
     err = jnp.mean((residual - recon) ** 2)
     return _normalized(err, residual, num_dead, aux_k)
+
+
+def _bucket_loss(cfg, kernels, columns, params, xs, vals, indices, dead, num_dead):
+    latents, rows = _dead_rows(params, dead, columns)
+    residual = main_residual(params, xs, vals, indices)
+    return _loss_on_rows(cfg, kernels, rows, xs, residual, latents < cfg.n_latents, num_dead)
+
+
+def _bucket_loss_and_grads(cfg, kernels, columns, grads, params, xs, vals, indices, dead,
+                           num_dead):
+    latents, rows = _dead_rows(params, dead, columns)
+    residual = main_residual(params, xs, vals, indices)
+    is_dead = latents < cfg.n_latents
+    loss, vjp = jax.vjp(
+        lambda r: _loss_on_rows(cfg, kernels, r, xs, residual, is_dead, num_dead), rows)
+    (d,) = vjp(jnp.float32(cfg.auxk_coef))
+    grads = dict(grads)
+    for name in ROW_PARAMS:  # padding rows (latent F) fall off the end
+        grads[name] = grads[name].at[latents].add(d[name].astype(grads[name].dtype),
+                                                  mode="drop")
+    grads["b_dec"] = grads["b_dec"] + d["b_dec"].astype(grads["b_dec"].dtype)
+    return loss, grads
+
+
+def _branch(dead, n_latents: int):
+    """0 while no latent is dead, else 1 + the index of the smallest bucket that fits."""
+    num_dead = jnp.sum(dead)
+    buckets = jnp.asarray(column_buckets(n_latents))
+    return num_dead, jnp.where(num_dead > 0, 1 + jnp.searchsorted(buckets, num_dead), 0)
 
 
 def auxk_loss(cfg, params, xs, vals, indices, dead, kernels: KernelSettings) -> jax.Array:
@@ -120,13 +131,25 @@ def auxk_loss(cfg, params, xs, vals, indices, dead, kernels: KernelSettings) -> 
     [B, K] the main encoder's selection (its reconstruction's residual is the target, not
     differentiated). dead: [F] bool.
     """
-    num_dead = jnp.sum(dead)
-    buckets = column_buckets(cfg.n_latents)
+    num_dead, which = _branch(dead, cfg.n_latents)
     branches = [lambda *_: jnp.float32(0.0)] + [
-        functools.partial(_dead_columns_loss, cfg, kernels=kernels, columns=n)
-        for n in buckets]
-    which = jnp.where(num_dead > 0, 1 + jnp.searchsorted(jnp.asarray(buckets), num_dead), 0)
+        functools.partial(_bucket_loss, cfg, kernels, n) for n in column_buckets(cfg.n_latents)]
     return jax.lax.switch(which, branches, params, xs, vals, indices, dead, num_dead)
+
+
+def auxk_loss_and_add_grads(cfg, params, xs, vals, indices, dead, grads,
+                            kernels: KernelSettings):
+    """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient).
+
+    Arguments as :func:`auxk_loss`; ``grads``: the gradients of the rest of the objective
+    (a dict like ``params``). Only the dead latents' rows (and b_dec) change; with no dead
+    latent the gradients pass through untouched.
+    """
+    num_dead, which = _branch(dead, cfg.n_latents)
+    branches = [lambda grads, *_: (jnp.float32(0.0), grads)] + [
+        functools.partial(_bucket_loss_and_grads, cfg, kernels, n)
+        for n in column_buckets(cfg.n_latents)]
+    return jax.lax.switch(which, branches, grads, params, xs, vals, indices, dead, num_dead)
 
 
 def auxk_loss_reference(cfg, params, xs, vals, indices, dead,
@@ -138,10 +161,10 @@ def auxk_loss_reference(cfg, params, xs, vals, indices, dead,
     aux_k = cfg.resolved_aux_k
     only_dead = jnp.where(dead, 0.0, -1e30).astype(jnp.float32)
     aux_vals, aux_indices = topk_encode(_cast(cfg.compute_dtype, xs),
-                                _cast(cfg.compute_dtype, params["W_enc"]),
-                                params["b_enc"] + only_dead, params["b_dec"], aux_k,
-                                backend=kernels.backend, topk_config=kernels.topk,
-                                config=kernels.encoder)
+                                        _cast(cfg.compute_dtype, params["W_enc"]),
+                                        params["b_enc"] + only_dead, params["b_dec"], aux_k,
+                                        backend=kernels.backend, topk_config=kernels.topk,
+                                        config=kernels.encoder)
     zero_bias = jnp.zeros((cfg.d_model,), jnp.float32)
     err = topk_sae_loss(aux_indices, _cast(cfg.compute_dtype, params["W_dec"]), aux_vals,
                         zero_bias, residual, backend=kernels.backend, config=kernels.loss)

@@ -18,6 +18,7 @@ arrays, which the training loop jits, shards and checkpoints; the module wraps t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hsae_jax.auxk import auxk_loss
+from hsae_jax.auxk import auxk_loss, auxk_loss_and_add_grads
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
@@ -174,13 +175,15 @@ def decode_arrays(params, stats, vals, indices, k: int | None = None, chunk: int
     return recon / stats["input_scale"]
 
 
-def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT_KERNELS):
+def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT_KERNELS, *,
+             with_auxk: bool = True):
     """Training objective on raw activations x [B, D].
 
     Returns (loss, aux) with aux = dict(recon_loss, auxk_loss, l0, fired [F] bool,
-    num_dead). The reconstruction term is :func:`hierarchical_sae_loss` (or the TopK
-    loss) in the scaled space; AuxK (:mod:`hsae_jax.auxk`) reconstructs the residual from
-    the top aux_k dead latents, only when some latent is dead.
+    num_dead, vals, indices). The reconstruction term is :func:`hierarchical_sae_loss` (or
+    the TopK loss) in the scaled space; AuxK (:mod:`hsae_jax.auxk`) reconstructs the
+    residual from the top aux_k dead latents, only when some latent is dead
+    (``with_auxk=False`` leaves it out: :func:`sae_loss_and_grads` adds it separately).
     """
     xs = scale_inputs(stats, x)
     w_dec = _cast(cfg, params["W_dec"])
@@ -193,7 +196,7 @@ def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT
                                            prefix_weights=cfg.prefix_weights(), **loss_kw)
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
     auxk = jnp.float32(0.0)
-    if cfg.auxk_coef > 0:
+    if cfg.auxk_coef > 0 and with_auxk:
         auxk = auxk_loss(cfg, params, xs, vals, indices, dead, kernels)
     fired = fired_latents(indices, vals, cfg.n_latents)
     aux = {
@@ -202,8 +205,28 @@ def sae_loss(cfg: SAEConfig, params, stats, x, kernels: KernelSettings = DEFAULT
         "l0": jnp.mean(jnp.sum(vals > 0, axis=1).astype(jnp.float32)),
         "fired": fired,
         "num_dead": jnp.sum(dead),
+        "vals": vals,
+        "indices": indices,
     }
     return recon_loss + cfg.auxk_coef * auxk, aux
+
+
+def sae_loss_and_grads(cfg: SAEConfig, params, stats, x,
+                       kernels: KernelSettings = DEFAULT_KERNELS):
+    """((loss, aux), grads): ``jax.value_and_grad(sae_loss, has_aux=True)``, the way the
+    trainer computes it: autodiff of everything but AuxK, then AuxK's value and gradient
+    added in place to the dead latents' rows only (:func:`auxk_loss_and_add_grads`), so a
+    step without dead latents pays nothing for AuxK."""
+    grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg, kernels=kernels,
+                                                   with_auxk=False), has_aux=True)
+    (loss, aux), grads = grad_fn(params, stats, x)
+    if cfg.auxk_coef > 0:
+        dead = stats["tokens_since_fired"] >= cfg.dead_tokens
+        auxk, grads = auxk_loss_and_add_grads(cfg, params, scale_inputs(stats, x), aux["vals"],
+                                              aux["indices"], dead, grads, kernels)
+        loss = loss + cfg.auxk_coef * auxk
+        aux = {**aux, "auxk_loss": auxk}
+    return (loss, aux), grads
 
 
 def fired_latents(indices, vals, n_latents: int) -> jax.Array:

@@ -10,8 +10,13 @@ import pytest
 from conftest import relative_error, requires_gpu, requires_interpreter
 
 from hsae_jax import KernelSettings, SAEConfig
-from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets, top_k_mask
-from hsae_jax.model import encode_arrays, init_arrays, sae_loss, scale_inputs
+from hsae_jax.auxk import (
+    auxk_loss,
+    auxk_loss_and_add_grads,
+    auxk_loss_reference,
+    column_buckets,
+)
+from hsae_jax.model import encode_arrays, init_arrays, sae_loss, sae_loss_and_grads, scale_inputs
 
 BACKENDS = [
     pytest.param("xla", id="xla"),
@@ -114,25 +119,6 @@ def test_buckets_hold_any_number_of_dead_latents():
     assert column_buckets(3) == (1, 3)
 
 
-@pytest.mark.parametrize("ties", ["none", "many", "-inf and signed zeros"])
-def test_top_k_mask_selects_what_top_k_selects(ties, rng_seed):
-    rng = np.random.default_rng(rng_seed)
-    for _ in range(20):
-        b, n = rng.integers(1, 6), rng.integers(1, 90)
-        k = int(rng.integers(1, n + 1))
-        x = rng.normal(size=(b, n)).astype(np.float32)
-        if ties == "many":
-            x = np.round(x * 2) / 2
-        elif ties != "none":
-            x[:, rng.integers(0, n, size=n // 3)] = -np.inf
-            x[:, : n // 3] = 0.0
-            x[:, 0] = -0.0
-        _, idx = jax.lax.top_k(jnp.asarray(x), k)
-        expected = np.zeros((b, n), bool)
-        np.put_along_axis(expected, np.asarray(idx), True, axis=1)
-        np.testing.assert_array_equal(top_k_mask(jnp.asarray(x), k), expected)
-
-
 def test_the_training_objective_adds_auxk_only_with_dead_latents(rng_seed):
     cfg, params, stats, x = setup(rng_seed, aux_k=4)
     kernels = KernelSettings("xla")
@@ -145,3 +131,43 @@ def test_the_training_objective_adds_auxk_only_with_dead_latents(rng_seed):
     assert int(aux_dead["num_dead"]) == 10 and float(aux_dead["auxk_loss"]) > 0
     np.testing.assert_allclose(loss_dead, aux_dead["recon_loss"]
                                + cfg.auxk_coef * aux_dead["auxk_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_trainer_adds_auxk_gradients_in_place_to_the_dead_rows(backend, rng_seed):
+    cfg, params, stats, x = setup(rng_seed, aux_k=4)
+    dead = dead_mask(64, [2, 11, 12, 40, 41, 42, 63])
+    xs = scale_inputs(stats, x)
+    vals, indices = encode_arrays(cfg, params, stats, x, kernels=KernelSettings("xla"))
+    rng = np.random.default_rng(rng_seed)
+    grads = {n: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) for n, p in params.items()}
+    with jax.default_matmul_precision("highest"):
+        value, added = jax.jit(lambda p, g: auxk_loss_and_add_grads(
+            cfg, p, xs, vals, indices, dead, g, KernelSettings(backend)))(params, grads)
+        ref_value, ref_grads = jax.value_and_grad(lambda p: auxk_loss_reference(
+            cfg, p, xs, vals, indices, dead, KernelSettings("xla")))(params)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-5)
+    expected = jax.tree.map(lambda g, r: g + cfg.auxk_coef * r, grads, ref_grads)
+    chex.assert_trees_all_close(added, expected, rtol=2e-5, atol=1e-6)
+    none_dead = jnp.zeros((64,), bool)
+    value, same = jax.jit(lambda p, g: auxk_loss_and_add_grads(
+        cfg, p, xs, vals, indices, none_dead, g, KernelSettings(backend)))(params, grads)
+    assert float(value) == 0.0
+    chex.assert_trees_all_equal(same, grads)
+
+
+@pytest.mark.parametrize("dead", [[], [5, 6, 30]])
+def test_the_trainers_loss_and_gradients_are_those_of_sae_loss(dead, rng_seed):
+    cfg, params, stats, x = setup(rng_seed, aux_k=4)
+    stats = {**stats, "tokens_since_fired": jnp.zeros((64,), jnp.int32).at[
+        jnp.asarray(dead, jnp.int32)].set(cfg.dead_tokens)}
+    kernels = KernelSettings("xla")
+    with jax.default_matmul_precision("highest"):
+        (loss, aux), grads = jax.jit(lambda p: sae_loss_and_grads(cfg, p, stats, x, kernels))(
+            params)
+        (ref_loss, ref_aux), ref_grads = jax.value_and_grad(
+            lambda p: sae_loss(cfg, p, stats, x, kernels), has_aux=True)(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(aux["auxk_loss"], ref_aux["auxk_loss"], rtol=1e-6)
+    assert (float(aux["auxk_loss"]) > 0) == bool(dead)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)

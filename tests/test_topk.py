@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import KERNEL_BACKEND, requires_gpu, requires_interpreter
 
-from hsae_jax.topk import TopKConfig, top_k
+from hsae_jax.topk import TopKConfig, top_k, top_k_mask
 
 # the threshold method with the loosest bound and the smallest buffer (both are raised to
 # next_pow2(k)): rows often overflow the buffer and take the bisection
@@ -160,3 +160,32 @@ def test_nan_sign_orders_like_lax_top_k(backend, config):
     _, indices = top_k(jnp.asarray(x), 7, backend=backend, config=config)
     np.testing.assert_array_equal(np.asarray(indices), [[4, 2, 0, 6, 5, 1, 3],
                                                         [3, 4, 2, 0, 6, 5, 1]])
+
+
+BACKENDS_FOR_MASK = [
+    pytest.param("xla", id="xla"),
+    pytest.param("interpret", marks=requires_interpreter, id="interpret"),
+    pytest.param("triton", marks=requires_gpu, id="triton"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+@pytest.mark.parametrize("ties", ["none", "many", "-inf and signed zeros"])
+def test_top_k_mask_selects_what_top_k_selects(backend, ties, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    for _ in range(6):
+        b, n = int(rng.integers(1, 5)), int(rng.integers(1, 300))
+        k = int(rng.integers(1, n + 1))
+        x = rng.normal(size=(b, n)).astype(np.float32)
+        if ties == "many":
+            x = np.round(x * 2) / 2
+        elif ties != "none":
+            x[:, rng.integers(0, n, size=n // 3)] = -np.inf
+            x[:, : n // 3] = 0.0
+            x[:, 0] = -0.0
+        _, idx = jax.lax.top_k(jnp.asarray(x), k)
+        expected = np.zeros((b, n), bool)
+        np.put_along_axis(expected, np.asarray(idx), True, axis=1)
+        got = top_k_mask(jnp.asarray(x), k, backend=backend, config=TopKConfig(block=64)
+                         if backend != "xla" else None)
+        np.testing.assert_array_equal(got, expected, err_msg=f"n={n} k={k}")

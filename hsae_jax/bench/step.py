@@ -31,7 +31,7 @@ from hsae_jax.bench import common
 from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
-from hsae_jax.model import SAEConfig, init_arrays, sae_loss
+from hsae_jax.model import SAEConfig, init_arrays, sae_loss_and_grads
 from hsae_jax.topk import top_k
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.step import apply_gradients, make_mesh, make_optimizer, make_train_step
@@ -262,7 +262,7 @@ def run_pieces(settings: StepBenchSettings, log=print) -> list[dict]:
         for dtype in ("float32", "bfloat16"):
             cfg = SAEConfig(d_model=d, n_latents=f, k=k, compute_dtype=dtype)
             p0, s0 = init_arrays(cfg, jax.random.key(0))
-            grads = jax.jit(jax.value_and_grad(functools.partial(sae_loss, cfg), has_aux=True))
+            grads = jax.jit(functools.partial(sae_loss_and_grads, cfg))
             timed("loss and gradients (trainer)", grads, p0, s0, x, k=k, dtype=dtype)
             del p0, s0
         timed("encoder fwd+dense bwd", jax.jit(lambda w, x, k=k: jax.grad(

@@ -147,3 +147,48 @@ def top_k(
     impl.config.resolve(f, k)  # bad settings fail here, before anything runs
     values, indices = _kernel_top_k(impl, x.reshape(rows, f))
     return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """float -> int32 keys in float total order (the kernels' ``_ordered``)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    sign = jnp.int32(-(2**31))
+    return jnp.where(bits < 0, ~bits, bits ^ sign) ^ sign
+
+
+def top_k_mask(
+    x: jax.Array,  # [B, F]
+    k: int,
+    *,
+    backend: Backend = "auto",
+    config: TopKConfig | None = None,
+) -> jax.Array:
+    """[B, F] bool: the entries :func:`top_k` selects (each row's k largest, ties to the
+    lower column, float total order), without sorting them.
+
+    On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key by
+    a radix select (four histogram passes over the row, any k), and XLA marks the entries
+    above it plus the first ties; on ``"xla"`` / ``"reference"`` it is ``lax.top_k`` and a
+    scatter. Not differentiable (it is a selection).
+    """
+    f = check_top_k_inputs(x, k)
+    if len(x.shape) != 2:
+        raise ValueError(f"x must have shape [B, F], got {tuple(x.shape)}")
+    concrete, config = backends.resolve(backend, config, kernel_config=TopKConfig)
+    x = jax.lax.stop_gradient(x)
+    b = x.shape[0]
+    if concrete in ("xla", "reference"):
+        _, indices = jax.lax.top_k(x, k)
+        return jnp.zeros((b, f), jnp.bool_).at[jnp.arange(b)[:, None], indices].set(True)
+    cfg = config.resolve(f, k)
+    backends.import_triton_for(concrete)
+    from hsae_jax.topk import kernels
+
+    kth, ties = launch(kernels.topk_kth_key_kernel, x,
+                       out_shape=[jax.ShapeDtypeStruct((b,), jnp.int32)] * 2, grid=(b,),
+                       backend=concrete, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                       F=f, K=k, BLOCK=min(cfg.block, _shapes.next_power_of_2(f)))
+    keys = _ordered_keys(x)
+    above = keys > kth[:, None]
+    equal = keys == kth[:, None]
+    return above | (equal & (jnp.cumsum(equal, axis=1) <= ties[:, None]))

@@ -243,3 +243,45 @@ def topk_sort_kernel(
     n_valid = tl.load(count_ptr + row)
     top = _top_keys(keys_ptr, row, 0, n_valid, CANDIDATES, CANDIDATES, K_POW2)
     _store_top(values_ptr, indices_ptr, row, top, K, K_POW2)
+
+
+@triton.jit
+def topk_kth_key_kernel(
+    x_ptr,  # [B, F] float32 / bfloat16 / float16
+    kth_ptr,  # [B] int32: the ordered key (_ordered) of each row's K-th largest value
+    ties_ptr,  # [B] int32: how many entries equal to it are among the row's top K
+    F: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Radix select: the K-th largest key of a row, 8 bits at a time from the top.
+
+    Each of four passes over the row counts, in a 256-bin histogram, the next 8 bits of
+    the keys that share the bits found so far, and takes the digit at which the count
+    from the top reaches K. No sort and no candidate buffer: any K <= F.
+    """
+    row = tl.program_id(axis=0).to(tl.int64)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((), dtype=tl.uint32)  # the key's bits found so far
+    found = tl.zeros((), dtype=tl.uint32)  # which bits those are
+    remaining = tl.zeros((), dtype=tl.int32) + K  # rank still to go, among the matches
+    for shift in tl.static_range(24, -1, -8):
+        counts = tl.zeros([256], dtype=tl.int32)
+        for start in tl.range(0, F, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            valid = columns < F
+            x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
+            # unsigned keys in float order: the sign bit flipped back
+            keys = (_ordered(x.to(tl.float32)) ^ INT32_MIN).to(tl.uint32, bitcast=True)
+            match = valid & ((keys & found) == prefix)
+            counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=match)
+        # at_least[d]: matching keys whose digit is >= d
+        at_least = tl.sum(counts) - tl.cumsum(counts, axis=0) + counts
+        digit = tl.sum((at_least >= remaining).to(tl.int32)) - 1
+        above = tl.sum(tl.where(bins > digit, counts, 0))
+        remaining -= above
+        prefix |= digit.to(tl.uint32) << shift
+        found |= tl.full((), 255, tl.uint32) << shift
+    kth = (prefix.to(tl.int32, bitcast=True)) ^ INT32_MIN
+    tl.store(kth_ptr + row, kth)
+    tl.store(ties_ptr + row, remaining)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
-from hsae_jax.model import SAEConfig, normalize_decoder, project_decoder_grad, sae_loss
+from hsae_jax.model import (
+    SAEConfig,
+    normalize_decoder,
+    project_decoder_grad,
+    sae_loss_and_grads,
+)
 from hsae_jax.train.config import TrainConfig
 
 AXIS = "data"
@@ -91,9 +94,7 @@ def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh
     """
 
     def local_step(params, stats, opt_state, x):
-        grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg, kernels=kernels),
-                                     has_aux=True)
-        (loss, aux), grads = grad_fn(params, stats, x)
+        (loss, aux), grads = sae_loss_and_grads(cfg, params, stats, x, kernels)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
         params, opt_state, grad_norm = apply_gradients(tx, params, opt_state, grads, loss)
