@@ -1,4 +1,4 @@
-"""The ``hsae`` command line: ``train``, ``eval`` and ``bench``."""
+"""The ``hsae`` command line: ``train``, ``eval``, ``harvest`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,31 @@ def _train(args) -> int:
     return 0
 
 
+def _add_harvest(sub) -> None:
+    from hsae_jax.harvest.config import HarvestConfig
+
+    p = sub.add_parser(
+        "harvest", help="write a model's activations over text as an activation cache",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(HarvestConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if str(field.type).startswith("bool"):
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                           default=field.default, help=field.metadata["help"])
+        else:
+            p.add_argument(flag, dest=field.name, type=_field_type(field),
+                           default=field.default, help=field.metadata["help"])
+
+
+def _harvest(args) -> int:
+    from hsae_jax.harvest import HarvestConfig, harvest
+
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)}
+    harvest(HarvestConfig(**settings), progress=not args.no_progress)
+    return 0
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="recompute a run's metrics from its saved model")
     p.add_argument("run_dir")
@@ -119,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_harvest(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "bench": _bench}[args.command](args)
+        return {"train": _train, "eval": _eval, "harvest": _harvest,
+                "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"hsae {args.command}: error: {err}\n")
 
