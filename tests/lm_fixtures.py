@@ -117,11 +117,16 @@ def train_tiny_lm(model, tokenizer, docs: list[str], steps: int = 150, context: 
     ids = torch.tensor(ids[:len(ids) // context * context]).view(-1, context)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other
     model.train()
-    for _ in range(steps):
-        batch = ids[torch.randint(0, ids.shape[0], (16,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    try:
+        for _ in range(steps):
+            batch = ids[torch.randint(0, ids.shape[0], (16,), generator=gen)]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
