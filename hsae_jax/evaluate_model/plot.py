@@ -17,6 +17,8 @@ def plot_loss_recovered_vs_k(result: dict, path: str) -> None:
     ax.plot(budgets, recovered, "o-", markersize=4, label="loss recovered")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(k) for k in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("k (latents used)")
     ax.set_ylabel("fraction of loss recovered")
     ax.grid(True, which="both", alpha=0.3)

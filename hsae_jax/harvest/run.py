@@ -11,6 +11,7 @@ boundaries, so the model sees the same inputs and the rows come out bit-identica
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -82,9 +83,9 @@ def harvest(cfg: HarvestConfig, *, model=None, tokenizer=None,
 
     An incomplete harvest in ``cfg.out`` with the same settings is resumed.
     """
-    import torch
-
-    callable_model = model is not None and not isinstance(model, torch.nn.Module)
+    torch = sys.modules.get("torch")  # a torch model implies torch is imported
+    is_torch = model is not None and torch is not None and isinstance(model, torch.nn.Module)
+    callable_model = model is not None and not is_torch
     cfg.validate(callable_model=callable_model, documents=documents is not None)
     docs = _documents(cfg, documents)
     resume_from = _check_out(cfg)
@@ -139,7 +140,7 @@ def harvest(cfg: HarvestConfig, *, model=None, tokenizer=None,
 
         model = load_model(cfg.model, cfg.revision, dtype=cfg.model_dtype, device=cfg.device,
                            gguf_file=cfg.gguf_file)
-    if isinstance(model, torch.nn.Module):
+    if not callable_model:
         from hsae_jax.harvest.hooks import TorchActivations
 
         activations = TorchActivations(model, cfg.layer, cfg.hook)
