@@ -8,6 +8,23 @@ import os
 
 import numpy as np
 
+from hsae_jax import backends
+
+
+def pin_triton_mode() -> None:
+    """Imports Triton in the mode this process's kernel tests use (interpreted on a CPU,
+    compiled on a GPU) before ``transformers`` does: loading a ``transformers`` model
+    imports ``torch._dynamo``, which imports Triton, and Triton fixes its mode at that
+    first import (see ``hsae_jax.backends``). Without this, the interpreter tests that
+    share a pytest-xdist worker with these tests would find Triton compiled."""
+    try:
+        backends.import_triton("compiled" if backends.cuda_available() else "interpret")
+    except backends.BackendUnavailableError:
+        pass  # Triton absent or already fixed: the kernel tests report that themselves
+
+
+pin_triton_mode()
+
 
 def limit_torch_threads() -> None:
     """One torch thread per pytest-xdist worker: two workers on two cores would otherwise
