@@ -358,6 +358,9 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, corpus, lm_dirs, monk
     with pytest.raises(ValueError, match=r"other settings \(cache, now\): layer=0 vs 1, "
                                          "context_length=24 vs 32"):
         harvest(config(folder, text, tmp_path / "acts", layer=1, context_length=32), **QUIET)
+    with pytest.raises(ValueError, match="dtype='float32' vs 'float16', rows_per_shard=97 vs 50"):
+        harvest(config(folder, text, tmp_path / "acts", dtype="float16", rows_per_shard=50),
+                **QUIET)
     prov = harvest(config(folder, text, tmp_path / "acts", layer=1, overwrite=True), **QUIET)
     assert ActivationCache(str(tmp_path / "acts")).provenance["layer"] == prov["layer"] == 1
 

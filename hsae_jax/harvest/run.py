@@ -126,6 +126,9 @@ def harvest(cfg: HarvestConfig, *, model=None, tokenizer=None,
         saved = resume_from["provenance"]
         diff = {k: (saved.get(k), provenance[k]) for k in STATIC_KEYS
                 if saved.get(k) != provenance[k]}
+        for key in ("dtype", "rows_per_shard"):
+            if resume_from[key] != getattr(cfg, key):
+                diff[key] = (resume_from[key], getattr(cfg, key))
         if diff:
             raise ValueError(f"--out {cfg.out} holds an incomplete harvest with other "
                              "settings (cache, now): " + ", ".join(
