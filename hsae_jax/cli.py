@@ -1,4 +1,4 @@
-"""The ``hsae`` command line: ``train``, ``eval``, ``bench`` and ``export``."""
+"""The ``hsae`` command line: ``train``, ``eval``, ``harvest``, ``export`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -140,16 +140,69 @@ def _train(args) -> int:
     return 0
 
 
+def _add_harvest(sub) -> None:
+    from hsae_jax.harvest.config import HarvestConfig
+
+    p = sub.add_parser(
+        "harvest", help="write a model's activations over text as an activation cache",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(HarvestConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if str(field.type).startswith("bool"):
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                           default=field.default, help=field.metadata["help"])
+        else:
+            p.add_argument(flag, dest=field.name, type=_parser_for(field),
+                           default=field.default, help=field.metadata["help"])
+
+
+def _harvest(args) -> int:
+    from hsae_jax.harvest import HarvestConfig, harvest
+
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)}
+    harvest(HarvestConfig(**settings), progress=not args.no_progress)
+    return 0
+
+
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="recompute a run's metrics from its saved model")
+    from hsae_jax.evaluate_model.run import InModelEvalConfig
+
+    p = sub.add_parser("eval", help="recompute a run's metrics from its saved model (with "
+                       "--model: splice it into a language model)")
     p.add_argument("run_dir")
-    p.add_argument("--data", help="activations file (default: the run's synthetic data)")
+    p.add_argument("--data", help="activations file (default: the run's synthetic data); "
+                   "with --model: the text file, as --data-text")
     p.add_argument("--data-key", help="tensor name inside a .safetensors file")
     p.add_argument("--batches", type=int, default=None, help="evaluation batches")
     p.add_argument("--backend", default=None, help="op backend (default: the run's)")
+    group = p.add_argument_group(
+        "inside a language model (with --model): CE, KL and loss recovered at each budget, "
+        "into metrics.json['in_model'] and loss_recovered_vs_k.png")
+    for field in dataclasses.fields(InModelEvalConfig):
+        flag = "--" + ("data-text" if field.name == "data" else field.name.replace("_", "-"))
+        cast = _csv(int) if field.name == "budgets" else _parser_for(field)
+        group.add_argument(flag, dest="in_model_" + field.name, type=cast,
+                           metavar=field.name.upper(), default=field.default,
+                           help=field.metadata["help"])
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval_in_model(args) -> int:
+    from hsae_jax.evaluate_model import InModelEvalConfig, evaluate_in_model, in_model_table
+
+    settings = {f.name: getattr(args, "in_model_" + f.name)
+                for f in dataclasses.fields(InModelEvalConfig)}
+    settings["data"] = settings["data"] or args.data
+    result = evaluate_in_model(args.run_dir, InModelEvalConfig(**settings),
+                               progress=not args.no_progress)
+    print(in_model_table(result))
+    return 0
 
 
 def _eval(args) -> int:
+    if args.in_model_model:
+        return _eval_in_model(args)
     from hsae_jax.evaluate_run import evaluate_run, metrics_table
 
     metrics = evaluate_run(args.run_dir, data=args.data, data_key=args.data_key,
@@ -216,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_harvest(sub)
     _add_bench(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
     try:
-        commands = {"train": _train, "eval": _eval, "bench": _bench, "export": _export}
+        commands = {"train": _train, "eval": _eval, "harvest": _harvest, "bench": _bench,
+                    "export": _export}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"hsae {args.command}: error: {_as_flags(str(err))}\n")

@@ -355,6 +355,10 @@ class CacheWriter:
         return self._written
 
     @property
+    def shards_written(self) -> int:
+        return len(self._shards)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
