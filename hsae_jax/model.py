@@ -81,7 +81,8 @@ class SAEConfig:
             if value > high:
                 raise ValueError(f"SAEConfig.{name}={value!r} must be an int <= {high}")
         if self.k > self.n_latents:
-            raise ValueError(f"SAEConfig.k={self.k} must be <= n_latents={self.n_latents}")
+            raise ValueError(
+                f"SAEConfig.k={self.k} must be <= SAEConfig.n_latents={self.n_latents}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SAEConfig.objective={self.objective!r} must be one of {OBJECTIVES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
