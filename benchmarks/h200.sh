@@ -10,6 +10,7 @@
 #   sweep-topk   benchmarks/sweep_topk.py (top-k methods and launch settings, torch.topk)
 #   bench-step   hsae bench --step (whole training steps and their pieces)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
+#   soak         benchmarks/soak.py: 20k steps killed at 12345 and resumed, deterministic
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
 set -uo pipefail
@@ -49,6 +50,11 @@ for step in "$@"; do
         --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \
         --log-every 25 --eval-every 200 --save-every 400 2>&1 | tee "$OUT/train.log"
       cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
+    soak) rm -rf /tmp/hsae-soak && python3 benchmarks/soak.py --steps 20000 \
+        --save-every 1000 --kill-step 12345 --d-model 2304 --n-latents 65536 --k 64 \
+        --batch-size 4096 --backend triton --deterministic --out /tmp/hsae-soak 2>&1 \
+        | tee "$OUT/soak.log"
+      cp /tmp/hsae-soak/soak.json /tmp/hsae-soak/soak.png "$OUT/" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"
