@@ -284,9 +284,10 @@ def test_the_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
 
 def test_two_processes_never_share_a_run_folder(tmp_path):
     """A long run holds the folder; a second `hsae train --out` on it fails at once with
-    one line naming the holder; after a kill -9 the lock is free again."""
+    one line naming the holder. Ctrl-C then stops the first one (a checkpoint being
+    written is finished first) and frees the folder."""
     out = tmp_path / "run"
-    settings = flags(**{**SMALL, "steps": 10**6, "save_every": 10**6, "eval_every": 10**6,
+    settings = flags(**{**SMALL, "steps": 10**6, "save_every": 5, "eval_every": 10**6,
                         "log_every": 10**6})
     hsae = os.path.join(os.path.dirname(sys.executable), "hsae")
     first = subprocess.Popen([hsae, "train", "--no-progress", "--out", str(out), *settings],
@@ -305,11 +306,17 @@ def test_two_processes_never_share_a_run_folder(tmp_path):
         assert error_line(second.stderr) == (
             f"hsae train: error: {out} is in use by another hsae process (pid {first.pid}): "
             "wait for it to end, or write to another folder")
-        assert first.poll() is None
+        while not any(n.isdigit() for n in os.listdir(out / "checkpoints")):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130
+        assert first.stderr.read() == "hsae train: interrupted\n"
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    RunLock(str(out)).acquire().release()  # the OS released the killed holder's lock
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    RunLock(str(out)).acquire().release()
 
 
 # ------------------------------------------------------------- runs that train nothing

@@ -10,8 +10,11 @@ the newest one that restores and says which were skipped and why;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 
 import orbax.checkpoint as ocp
 
@@ -24,6 +27,25 @@ def _reason(err: BaseException) -> str:
     text = lines[0].split(" See full TensorStore details")[0] if lines else ""
     text = text if len(text) <= 200 else text[:197] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds back SIGINT (Ctrl-C) until the block ends, then delivers it: an interrupted
+    save would leave orbax's writer threads behind (and a traceback at exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])  # Python's default handler raises KeyboardInterrupt
+        elif received and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 class Checkpointer:
@@ -39,9 +61,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        """Saves ``step`` and waits for it; a Ctrl-C meanwhile lets the save finish first."""
+        with _interrupts_deferred():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON saved beside the state of ``step`` (default: the latest)."""
