@@ -139,7 +139,7 @@ def flag_values(draw):
     return name, value, valid
 
 
-@settings(max_examples=12, deadline=None, database=None,
+@settings(max_examples=8, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=flag_values())
 def test_fuzz_numeric_flags(case, capsys, tmp_path_factory):
