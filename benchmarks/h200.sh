@@ -18,6 +18,7 @@
 #                dead latents with and without AuxK; D=2304, F=65536, K=64, B=4096)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
 #   auxk-pieces  benchmarks/auxk_pieces.py (AuxK alone at several dead fractions, its pieces)
+#   soak         benchmarks/soak.py: 20k steps killed at 12345 and resumed, deterministic
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
 set -uo pipefail
@@ -70,6 +71,11 @@ for step in "$@"; do
       cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
     auxk-pieces) python3 benchmarks/auxk_pieces.py --out "$OUT/auxk_pieces.json" 2>&1 \
         | tee "$OUT/auxk_pieces.log" ;;
+    soak) rm -rf /tmp/hsae-soak && python3 benchmarks/soak.py --steps 20000 \
+        --save-every 1000 --kill-step 12345 --d-model 2304 --n-latents 65536 --k 64 \
+        --batch-size 4096 --backend triton --deterministic --out /tmp/hsae-soak 2>&1 \
+        | tee "$OUT/soak.log"
+      cp /tmp/hsae-soak/soak.json /tmp/hsae-soak/soak.png "$OUT/" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"

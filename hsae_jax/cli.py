@@ -90,6 +90,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (``hsae train: error: ...``), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _setting_fields():
     """(dataclass field, its flag) for every flat setting of ``hsae train``."""
     from hsae_jax.model import SAEConfig
@@ -100,13 +107,21 @@ def _setting_fields():
     return [(f, "--" + f.name.replace("_", "-")) for f in fields]
 
 
+def _parse_budgets(text: str):
+    from hsae_jax.train.config import parse_budgets
+
+    try:
+        return parse_budgets(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers, e.g. 8,16,32 (got {text!r})") from None
+
+
 def _parser_for(field):
     """The argparse type of a setting, from its annotation."""
     text = str(field.type)
     if text.startswith("tuple[int"):
-        from hsae_jax.train.config import parse_budgets
-
-        return parse_budgets
+        return _parse_budgets
     for name, cast in (("int", int), ("float", float)):
         if text.startswith(name):
             return cast
@@ -114,29 +129,48 @@ def _parser_for(field):
 
 
 def _add_train(sub) -> None:
+    # Flags the user did not type stay out of the namespace (SUPPRESS): a new run takes
+    # the defaults for them, a resumed run the values saved with it.
     p = sub.add_parser(
         "train", help="train an SAE (default: the embedded synthetic data, ~1 min on a CPU)",
-        formatter_class=_HelpFormatter)
-    p.add_argument("--out", default="runs/default", help="run folder to write")
+        formatter_class=_HelpFormatter, argument_default=argparse.SUPPRESS)
+    p.add_argument("--out", help="run folder to write, missing or empty (default: "
+                   "runs/default)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="continue the run in RUN_DIR from its newest checkpoint that "
+                   "restores, with the settings saved there; flags given must repeat them, "
+                   "except --steps (not below the checkpoint's step), the logging, "
+                   "evaluation and saving intervals, --devices, --backend, --deterministic "
+                   "and --max-skipped-fraction")
+    p.add_argument("--no-progress", action="store_true", default=False,
+                   help="no progress bar")
     for field, flag in _setting_fields():
+        help_text = field.metadata["help"]
+        if "default" not in help_text and field.default not in (None, False):
+            help_text += f" (default: {field.default})"
         if str(field.type) == "bool":
-            p.add_argument(flag, dest=field.name, action="store_true",
-                           help=field.metadata["help"])
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                           help=help_text)
         else:
-            p.add_argument(flag, dest=field.name, type=_parser_for(field),
-                           default=field.default, help=field.metadata["help"])
+            p.add_argument(flag, dest=field.name, type=_parser_for(field), help=help_text)
 
 
 def _train(args) -> int:
-    from hsae_jax.train import TrainConfig, train
+    from hsae_jax.train import TrainConfig, resume, train
 
-    settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()}
-    out = args.resume or args.out
-    train(TrainConfig.from_flat(**settings), out, resume=bool(args.resume),
-          progress=not args.no_progress)
+    settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()
+                if hasattr(args, f.name)}
+    progress = not args.no_progress
+    if hasattr(args, "resume"):
+        out = getattr(args, "out", None)
+        if out is not None and os.path.abspath(out) != os.path.abspath(args.resume):
+            raise ValueError(f"--resume {args.resume} continues that run in its own folder, "
+                             f"--out {out} names another; to fork a run, copy its folder and "
+                             "resume the copy")
+        resume(args.resume, progress=progress, **settings)
+    else:
+        train(TrainConfig.from_flat(**settings), getattr(args, "out", "runs/default"),
+              progress=progress)
     return 0
 
 
@@ -165,6 +199,16 @@ def _harvest(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _add_eval(sub) -> None:
     from hsae_jax.evaluate_model.run import InModelEvalConfig
 
@@ -174,7 +218,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", help="activations file (default: the run's synthetic data); "
                    "with --model: the text file, as --data-text")
     p.add_argument("--data-key", help="tensor name inside a .safetensors file")
-    p.add_argument("--batches", type=int, default=None, help="evaluation batches")
+    p.add_argument("--batches", type=_positive_int, default=None,
+                   help="evaluation batches (default: the run's --eval-batches)")
     p.add_argument("--backend", default=None, help="op backend (default: the run's)")
     group = p.add_argument_group(
         "inside a language model (with --model): CE, KL and loss recovered at each budget, "
@@ -265,7 +310,10 @@ def _export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hsae", description=__doc__)
+    """``hsae``: returns 0, or exits with status 2 (a bad command line, setting or file:
+    one line naming it), 1 (a run that could not go on or trained nothing) or 130
+    (interrupted). HSAE_TRACEBACK=1 shows the traceback instead."""
+    parser = _Parser(prog="hsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -277,8 +325,33 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": _train, "eval": _eval, "harvest": _harvest, "bench": _bench,
                     "export": _export}
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        parser.exit(2, f"hsae {args.command}: error: {_as_flags(str(err))}\n")
+    except Exception as err:
+        status = _exit_status(err)
+        if status is None or os.environ.get("HSAE_TRACEBACK"):
+            raise
+        parser.exit(status, f"hsae {args.command}: error: {_as_flags(_one_line(err))}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"hsae {args.command}: interrupted\n")
+
+
+def _exit_status(err: Exception) -> int | None:
+    """2: a bad setting, argument or file; 1: a run that could not go on (the folder in
+    use, a run that trained nothing, a device out of memory); None: a bug (traceback)."""
+    import jax
+
+    from hsae_jax.train.run_dir import RunError
+
+    if isinstance(err, (RunError, MemoryError, jax.errors.JaxRuntimeError)):
+        return 1
+    if isinstance(err, (ValueError, TypeError, OSError)):
+        return 2
+    return None
+
+
+def _one_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(lines) <= 1 else text + " (HSAE_TRACEBACK=1 shows the rest)"
 
 
 def _as_flags(message: str) -> str:

@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves a half-written file under the real name."""
+"""Writing files so that a crash never leaves a half-written file under the real name,
+and reading the JSON files of a run with errors that name the file."""
 
 from __future__ import annotations
 
@@ -40,3 +41,23 @@ def atomic_write_json(path: str, payload: Any) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; FileNotFoundError / ValueError naming the file when it
+    is missing, not JSON (a file cut short, edited by hand) or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}: line {err.lineno} column "
+                         f"{err.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data

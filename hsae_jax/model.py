@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 
@@ -30,13 +29,16 @@ from flax import nnx
 
 from hsae_jax.auxk import auxk_loss, auxk_loss_and_add_grads
 from hsae_jax.encoder import topk_encode
-from hsae_jax.io_utils import atomic_write, atomic_write_json
+from hsae_jax.io_utils import atomic_write, atomic_write_json, read_json_object
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
 from hsae_jax.sparse_rows import weighted_row_sum
 
 OBJECTIVES = ("hierarchical", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+INPUT_RANGE = (1e-30, 1e36)  # largest |value| of a sample the input scale handles
+INT32_MAX = 2**31 - 1  # latent indices are int32
+MAX_DEAD_TOKENS = 2**30  # where the tokens-since-fired counters saturate
 
 
 def setting(default, help: str):  # noqa: A002 - argparse's word
@@ -73,12 +75,16 @@ class SAEConfig:
     compute_dtype: str = setting("float32", "float32 or bfloat16 encoder/decoder inputs")
 
     def __post_init__(self):
-        for name in ("d_model", "n_latents", "k", "dead_tokens"):
+        for name, high in (("d_model", INT32_MAX), ("n_latents", INT32_MAX), ("k", INT32_MAX),
+                           ("dead_tokens", MAX_DEAD_TOKENS)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SAEConfig.{name}={value!r} must be an int >= 1")
+            if value > high:
+                raise ValueError(f"SAEConfig.{name}={value!r} must be an int <= {high}")
         if self.k > self.n_latents:
-            raise ValueError(f"SAEConfig.k={self.k} must be <= n_latents={self.n_latents}")
+            raise ValueError(
+                f"SAEConfig.k={self.k} must be <= SAEConfig.n_latents={self.n_latents}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SAEConfig.objective={self.objective!r} must be one of {OBJECTIVES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -92,10 +98,12 @@ class SAEConfig:
             if self.objective == "topk":
                 raise ValueError("SAEConfig.budgets applies to the hierarchical objective; "
                                  "objective='topk' trains budget k only")
-        if not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
+        if (not isinstance(self.auxk_coef, (int, float)) or isinstance(self.auxk_coef, bool)
+                or not math.isfinite(self.auxk_coef) or self.auxk_coef < 0):
             raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be finite and >= 0")
-        if self.aux_k is not None and (not isinstance(self.aux_k, int) or self.aux_k < 1):
-            raise ValueError(f"SAEConfig.aux_k={self.aux_k!r} must be an int >= 1")
+        if self.aux_k is not None and (not isinstance(self.aux_k, int) or isinstance(
+                self.aux_k, bool) or not 1 <= self.aux_k <= INT32_MAX):
+            raise ValueError(f"SAEConfig.aux_k={self.aux_k!r} must be an int in [1, {INT32_MAX}]")
 
     @property
     def resolved_aux_k(self) -> int:
@@ -130,9 +138,7 @@ def init_arrays(cfg: SAEConfig, key: jax.Array, sample: jax.Array | None = None)
     scale = jnp.float32(1.0)
     b_dec = jnp.zeros((cfg.d_model,), jnp.float32)
     if sample is not None:
-        sample = jnp.asarray(sample, jnp.float32)
-        scale = jnp.sqrt(cfg.d_model / jnp.mean(jnp.sum(sample * sample, axis=1)))
-        b_dec = jnp.mean(sample * scale, axis=0)
+        scale, b_dec = input_statistics(sample, cfg.d_model)
     params = {
         "W_enc": jnp.array(w_dec, copy=True),  # W_dec transposed: equal in [F, D] storage
         "b_enc": jnp.zeros((cfg.n_latents,), jnp.float32),
@@ -144,6 +150,48 @@ def init_arrays(cfg: SAEConfig, key: jax.Array, sample: jax.Array | None = None)
         "tokens_since_fired": jnp.zeros((cfg.n_latents,), jnp.int32),
     }
     return params, stats
+
+
+def input_statistics(sample: jax.Array, d_model: int) -> tuple[jax.Array, jax.Array]:
+    """(input_scale, b_dec) from the rows of ``sample`` [N, D] without NaN or inf.
+
+    ``input_scale`` makes E||x||^2 = D over those rows, ``b_dec`` is their scaled mean.
+    Values near float32's limits (1e30, 1e-30) are handled by rescaling first; a sample
+    with no finite, non-zero row gives scale 1 (:func:`finite_rows` refuses one first).
+    """
+    x = jnp.asarray(sample, jnp.float32)
+    finite = jnp.all(jnp.isfinite(x), axis=1)
+    x = jnp.where(finite[:, None], x, 0.0)
+    n = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
+    mean_sq = jnp.sum(jnp.sum(x * x, axis=1)) / n
+    # rows scaled to a largest entry of 1 first: their squares neither overflow nor vanish
+    peak = jnp.max(jnp.abs(x))
+    unit = jnp.where(peak > 0, peak, 1.0)
+    mean_sq_unit = jnp.sum(jnp.sum((x / unit) ** 2, axis=1)) / n
+    direct = jnp.isfinite(mean_sq) & (mean_sq > 0) & (mean_sq_unit > 0)
+    scale = jnp.where(direct, jnp.sqrt(d_model / jnp.where(direct, mean_sq, 1.0)),
+                      jnp.sqrt(d_model / jnp.where(mean_sq_unit > 0, mean_sq_unit, d_model))
+                      / unit)
+    b_dec = jnp.sum(x * scale, axis=0) / n
+    return scale.astype(jnp.float32), b_dec.astype(jnp.float32)
+
+
+def finite_rows(sample, what: str = "sample") -> int:
+    """How many rows of ``sample`` [N, D] hold no NaN or inf; ValueError naming ``what``
+    when none does, or when every such row is zero (no input scale can come from it)."""
+    x = np.asarray(jax.device_get(sample))
+    finite = np.all(np.isfinite(x), axis=1)
+    if not finite.any():
+        raise ValueError(f"{what} has no finite rows (every row holds NaN or inf): "
+                         "cannot set the input scale")
+    peak = float(np.max(np.abs(x[finite]))) if x.size else 0.0
+    if peak == 0:
+        raise ValueError(f"{what} is all zeros: cannot set the input scale")
+    if not INPUT_RANGE[0] <= peak <= INPUT_RANGE[1]:
+        raise ValueError(f"{what} has a largest |value| of {peak:.3g}, outside the "
+                         f"{INPUT_RANGE[0]:g} to {INPUT_RANGE[1]:g} float32 training "
+                         "handles: rescale the data")
+    return int(finite.sum())
 
 
 def _cast(cfg: SAEConfig, x):
@@ -280,6 +328,8 @@ class HierarchicalTopKSAE(nnx.Module):
                                        or np.shape(sample)[1] != cfg.d_model):
                 raise ValueError(f"sample must have shape [N, D={cfg.d_model}], got "
                                  f"{tuple(np.shape(sample))}")
+            if sample is not None and not isinstance(sample, jax.core.Tracer):
+                finite_rows(sample)
             arrays = init_arrays(cfg, rngs.params(), sample)
         self._set_arrays(*arrays)
 
@@ -372,24 +422,36 @@ def save_model_files(run_dir: str, cfg: SAEConfig, params, stats, extra_cfg=None
 
 
 def load_model_files(run_dir: str):
+    """(cfg, params, stats) of the model saved in ``run_dir``; errors name the file."""
     from safetensors.numpy import load_file
 
-    with open(os.path.join(run_dir, "cfg.json")) as f:
-        meta = json.load(f)
-    cfg = SAEConfig.from_json(meta)
-    tensors = load_file(os.path.join(run_dir, "sae.safetensors"))
+    cfg_path = os.path.join(run_dir, "cfg.json")
+    meta = read_json_object(cfg_path)
+    try:
+        cfg = SAEConfig.from_json(meta)
+        scale = float(meta.get("input_scale", 1.0))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cfg_path}: {err}") from None
+    path = os.path.join(run_dir, "sae.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist (cfg.json is there: a model saved "
+                                "by hand, half copied?)")
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors' errors do not name the file
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     expected = {"W_enc": (cfg.d_model, cfg.n_latents), "b_enc": (cfg.n_latents,),
                 "W_dec": (cfg.n_latents, cfg.d_model), "b_dec": (cfg.d_model,)}
     for name, shape in expected.items():
         if name not in tensors or tensors[name].shape != shape:
             got = tensors[name].shape if name in tensors else "missing"
-            raise ValueError(f"{run_dir}/sae.safetensors: {name} is {got}, expected {shape}")
+            raise ValueError(f"{path}: {name} is {got}, expected {shape}")
     params = {
         "W_enc": jnp.asarray(tensors["W_enc"].T),
         "b_enc": jnp.asarray(tensors["b_enc"]),
         "W_dec": jnp.asarray(tensors["W_dec"]),
         "b_dec": jnp.asarray(tensors["b_dec"]),
     }
-    stats = {"input_scale": jnp.float32(meta.get("input_scale", 1.0)),
+    stats = {"input_scale": jnp.float32(scale),
              "tokens_since_fired": jnp.zeros((cfg.n_latents,), jnp.int32)}
     return cfg, params, stats

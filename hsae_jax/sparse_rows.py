@@ -47,7 +47,7 @@ def chunk_latents(x: jax.Array, chunk: int, fill) -> jax.Array:
     b, k = x.shape
     chunk = max(1, min(chunk, k))
     x = jnp.pad(x, ((0, 0), (0, -k % chunk)), constant_values=fill)
-    return x.reshape(b, -1, chunk).transpose(1, 0, 2)
+    return x.reshape(b, -(-k // chunk), chunk).transpose(1, 0, 2)  # (no -1: B may be 0)
 
 
 def weighted_row_sum(weight: jax.Array, indices: jax.Array, coefs: jax.Array, chunk: int,

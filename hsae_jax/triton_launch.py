@@ -12,7 +12,14 @@ Constexpr parameters are passed by keyword.
 - ``backend="interpret"``: ``jax.pure_callback`` running the same kernel function under
   Triton's interpreter on torch CPU tensors. Outputs not listed in ``zeroed_outputs``
   are poisoned (NaN, or -1 for integers) before the launch, so an element a kernel
-  forgets to write shows up in every test.
+  forgets to write shows up in every test. Under ``jax.vmap`` the callback runs once
+  per batch element (``vmap_method="sequential"``).
+
+A kernel launch has no derivative of its own (the ops' custom_vjp rules and
+``hierarchical_sae_prefix_sse``'s custom_jvp provide them): forward-mode
+differentiation that reaches a launch (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` of
+an op whose backward runs kernels) raises an error naming the backend and suggesting
+``backend="xla"``, which supports every transformation.
 """
 
 from __future__ import annotations
@@ -47,13 +54,30 @@ def launch(
     grid = tuple(int(g) for g in grid)
     if any(g < 1 for g in grid):
         raise ValueError(f"{grid=} must be positive")
-    if backend == "triton":
-        return _launch_compiled(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                num_warps, num_stages, constexprs)
-    if backend == "interpret":
-        return _launch_interpreted(kernel, args, out_shape, grid, tuple(zeroed_outputs),
-                                   constexprs)
-    raise ValueError(f"{backend=} does not launch Triton kernels")
+    if backend not in backends.KERNEL_BACKENDS:
+        raise ValueError(f"{backend=} does not launch Triton kernels")
+    positions = [i for i, a in enumerate(args) if not isinstance(a, (int, float, bool))]
+
+    @jax.custom_jvp
+    def run(*arrays):
+        call_args = list(args)
+        for position, value in zip(positions, arrays, strict=True):
+            call_args[position] = value
+        if backend == "triton":
+            return tuple(_launch_compiled(kernel, call_args, out_shape, grid,
+                                          tuple(zeroed_outputs), num_warps, num_stages,
+                                          constexprs))
+        return tuple(_launch_interpreted(kernel, call_args, out_shape, grid,
+                                         tuple(zeroed_outputs), constexprs))
+
+    @run.defjvp
+    def _no_forward_mode(primals, tangents):
+        raise NotImplementedError(
+            f"backend={backend!r}: the Triton kernel {kernel.__name__} has no forward-mode "
+            "derivative (jax.jvp, jax.jacfwd, jax.hessian, or a derivative of an op's "
+            "gradient); use backend='xla', which supports every JAX transformation")
+
+    return list(run(*[args[i] for i in positions]))
 
 
 def _launch_compiled(kernel, args, out_shape, grid, zeroed_outputs, num_warps, num_stages,
@@ -133,4 +157,4 @@ def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexpr
         kernel[grid](*call_args, *outputs, **constexprs)
         return tuple(_to_numpy(o, s.dtype) for o, s in zip(outputs, out_shape, strict=True))
 
-    return list(jax.pure_callback(host, tuple(out_shape), *arrays))
+    return list(jax.pure_callback(host, tuple(out_shape), *arrays, vmap_method="sequential"))

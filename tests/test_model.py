@@ -89,7 +89,7 @@ def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(k=41), "k=41 must be <= n_latents=40"),
+    (dict(k=41), "k=41 must be <= SAEConfig.n_latents=40"),
     (dict(objective="l1"), "objective='l1'"),
     (dict(budgets=(0, 3)), r"budgets=\(0, 3\)"),
     (dict(compute_dtype="float16"), "compute_dtype='float16'"),

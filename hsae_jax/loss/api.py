@@ -86,6 +86,24 @@ def _loss_bwd(static, saved, cotangent):
 _loss.defvjp(_loss_fwd, _loss_bwd)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _prefix_sse(impl, indices, weight, vals, bias, target):
+    return impl.prefix_sse(indices, weight, vals, bias, target)
+
+
+@_prefix_sse.defjvp
+def _prefix_sse_jvp(impl, primals, tangents):
+    """The kernels' values; derivatives (any order, forward or reverse) from the xla
+    implementation, which computes the same function."""
+    indices = primals[0]
+
+    def xla(weight, vals, bias, target):
+        return XlaLoss().prefix_sse(indices, weight, vals, bias, target)
+
+    _, tangent = jax.jvp(xla, primals[1:], tangents[1:])
+    return _prefix_sse(impl, *primals), tangent
+
+
 def hierarchical_sae_loss(
     indices: jax.Array,  # [B, K] int32/int64
     weight: jax.Array,  # [F, D]
@@ -116,7 +134,9 @@ def hierarchical_sae_loss(
       vals: [B, K] latent values; float32, bfloat16 or float16.
       bias: [D] decoder bias; float32, bfloat16 or float16.
       target: [B, D] the activations to reconstruct; float32, bfloat16 or float16.
-      prefix_weights: optional [K] non-negative float weights of the K prefix losses.
+      prefix_weights: optional [K] non-negative float weights of the K prefix losses,
+        with a positive sum (checked when the values are known; under ``jax.jit`` weights
+        summing to 0 give a loss of 0, never NaN).
       backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"xla"`` or ``"reference"``
         (see :mod:`hsae_jax.backends`).
       config: a :class:`TritonLossConfig` or :class:`XlaLossConfig` for that backend.
@@ -175,11 +195,14 @@ def hierarchical_sae_prefix_sse(
     """[B, K] float32: sum over D of the squared error of every prefix reconstruction.
 
     Entry [b, k-1] is ||recon_k(b) - target(b)||^2: FVU at every budget k = 1..K comes
-    from one call. Forward only (not differentiable on the kernel backends); the kernel
-    backends never materialise [B, K, D].
+    from one call. The kernel backends never materialise [B, K, D] for the value; its
+    derivatives (``jax.grad``, ``jax.jvp``, ``jax.hessian``, with respect to weight,
+    vals, bias and target) come from the xla implementation on every backend.
     """
     check_loss_inputs(indices, weight, vals, bias, target)
     impl = _implementation(backend, config)
     if impl is None:
         return prefix_sse_reference(indices, weight, vals, bias, target)
-    return impl.prefix_sse(indices, weight, vals, bias, target)
+    if isinstance(impl, XlaLoss):
+        return impl.prefix_sse(indices, weight, vals, bias, target)
+    return _prefix_sse(impl, indices, weight, vals, bias, target)

@@ -7,11 +7,17 @@ import jax.numpy as jnp
 
 
 def normalized_prefix_weights(prefix_weights: jax.Array | None, k: int) -> jax.Array:
-    """[K] float32 weights of the K prefix losses, summing to 1 (uniform for None)."""
+    """[K] float32 weights of the K prefix losses, summing to 1 (uniform for None).
+
+    Weights that sum to 0 (refused by the ops' argument checks, but possible under
+    ``jax.jit``, where values cannot be checked) weight nothing: all zeros, so the loss
+    is 0 and every gradient but the prefix weights' is 0; never NaN.
+    """
     if prefix_weights is None:
         return jnp.full((k,), 1.0 / k, jnp.float32)
     w = prefix_weights.astype(jnp.float32)
-    return w / jnp.sum(w)
+    total = jnp.sum(w)
+    return w / jnp.where(total > 0, total, 1.0)
 
 
 def combine_prefix_sse(prefix_sse: jax.Array, weights: jax.Array, d: int) -> jax.Array:

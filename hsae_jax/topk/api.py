@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hsae_jax import _shapes, backends
 from hsae_jax.backends import Backend
@@ -75,24 +76,19 @@ class _KernelTopK:
         return values, indices
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_top_k(impl, x):
     return impl(x)
 
 
-def _kernel_top_k_fwd(impl, x):
-    values, indices = impl(x)
-    return (values, indices), (indices, x.shape[1])
-
-
-def _kernel_top_k_bwd(impl, saved, cotangents):
-    indices, f = saved
-    dvalues, _ = cotangents  # values have x's dtype, and so does their cotangent
-    rows = jnp.arange(indices.shape[0])[:, None]
-    return (jnp.zeros((indices.shape[0], f), dvalues.dtype).at[rows, indices].add(dvalues),)
-
-
-_kernel_top_k.defvjp(_kernel_top_k_fwd, _kernel_top_k_bwd)
+@_kernel_top_k.defjvp
+def _kernel_top_k_jvp(impl, primals, tangents):
+    """The values' tangent is the input's at the selected positions (linear, so reverse
+    mode transposes it into a scatter-add); the indices have none."""
+    (x,), (dx,) = primals, tangents
+    values, indices = _kernel_top_k(impl, x)
+    dvalues = jnp.take_along_axis(dx, indices, axis=-1)
+    return (values, indices), (dvalues, np.zeros(indices.shape, jax.dtypes.float0))
 
 
 def check_top_k_inputs(x, k) -> int:
@@ -138,13 +134,16 @@ def top_k(
     f = check_top_k_inputs(x, k)
     concrete, config = backends.resolve(backend, config, kernel_config=TopKConfig)
     if concrete in ("xla", "reference"):
-        return jax.lax.top_k(x, k)
+        values, indices = jax.lax.top_k(x, k)  # a list: return the documented tuple
+        return values, indices
     lead = x.shape[:-1]
     rows = 1
     for size in lead:
         rows *= size
     impl = _KernelTopK(concrete, config, k)
     impl.config.resolve(f, k)  # bad settings fail here, before anything runs
+    if rows == 0:  # nothing to launch a kernel for
+        return jnp.zeros((*lead, k), x.dtype), jnp.zeros((*lead, k), jnp.int32)
     values, indices = _kernel_top_k(impl, x.reshape(rows, f))
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 

@@ -15,9 +15,10 @@ from typing import Any
 from hsae_jax import backends
 from hsae_jax.data import SyntheticConfig, open_source
 from hsae_jax.kernel_settings import KernelSettings
-from hsae_jax.model import SAEConfig, setting
+from hsae_jax.model import INT32_MAX, SAEConfig, setting
 
 SAE_FIELDS = tuple(f.name for f in dataclasses.fields(SAEConfig))
+DEFAULT_WARMUP_STEPS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,8 @@ class TrainConfig:
     batch_size: int = setting(1024, "tokens per step (split over all devices)")
     steps: int = setting(2000, "optimizer steps")
     lr: float | None = setting(None, "peak Adam learning rate (default: 2e-4 / sqrt(F / 2^14))")
-    warmup_steps: int = setting(100, "linear warm-up steps")
+    warmup_steps: int | None = setting(
+        None, "linear warm-up steps, at most --steps (default: min(100, steps))")
     decay_fraction: float = setting(0.2, "linear decay to 0 over this final fraction of steps")
     clip_norm: float = setting(1.0, "global gradient-norm clip (0: off)")
     seed: int = setting(0, "seed of the initialisation and the data order")
@@ -55,6 +57,9 @@ class TrainConfig:
     eval_batches: int = setting(4, "batches per evaluation")
     save_every: int = setting(500, "steps between checkpoints of the training state")
     devices: int | None = setting(None, "data-parallel devices to use (default: all)")
+    max_skipped_fraction: float = setting(
+        0.1, "the run fails (exit status 1, files kept) when more than this fraction of its "
+        "steps were skipped for a non-finite loss or gradient; it always fails when all were")
 
     def __post_init__(self):
         if not isinstance(self.sae, SAEConfig):
@@ -62,14 +67,24 @@ class TrainConfig:
         backends.validate_backend(self.backend)
         for name in ("batch_size", "steps", "log_every", "eval_every", "eval_batches",
                      "save_every", "synthetic_features", "block_rows", "prefetch"):
-            _check_int(name, getattr(self, name), 1)
+            _check_int(name, getattr(self, name), 1, INT32_MAX)
+        if self.warmup_steps is None:  # frozen: set once, here
+            object.__setattr__(self, "warmup_steps", min(DEFAULT_WARMUP_STEPS, self.steps))
         _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("seed", self.seed, 0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be <= "
+                             f"TrainConfig.steps={self.steps}")
+        _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.devices is not None:
-            _check_int("devices", self.devices, 1)
+            _check_int("devices", self.devices, 1, INT32_MAX)
         _check_float("decay_fraction", self.decay_fraction, 0.0, 1.0)
         _check_float("clip_norm", self.clip_norm, 0.0)
         _check_float("synthetic_active", self.synthetic_active, 0.0, inclusive=False)
+        _check_float("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
+        for name in ("data", "data_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"TrainConfig.{name}={value!r} must be a str (or None)")
         if self.lr is not None:
             _check_float("lr", self.lr, 0.0, inclusive=False)
         if self.eval_fraction is not None:
@@ -110,7 +125,13 @@ class TrainConfig:
         """The TrainConfig of a flat dict written by :meth:`to_flat` (keys it does not know
         are ignored; older runs saved budgets as a string)."""
         known = set(SAE_FIELDS) | {f.name for f in dataclasses.fields(cls)}
-        return cls.from_flat(**{k: v for k, v in saved.items() if k in known and k != "sae"})
+        flat = {k: v for k, v in saved.items() if k in known and k != "sae"}
+        steps, warmup = flat.get("steps"), flat.get("warmup_steps")
+        if isinstance(steps, int) and isinstance(warmup, int) and warmup > steps:
+            # saved before warm-up was checked against steps: its warm-up never ended,
+            # which a warm-up of `steps` is the nearest valid setting to
+            flat["warmup_steps"] = steps
+        return cls.from_flat(**flat)
 
     def replace(self, **settings: Any) -> TrainConfig:
         """A copy with flat ``settings`` changed (model or run settings alike)."""
@@ -145,9 +166,11 @@ def parse_budgets(text: str) -> tuple[int, ...] | None:
     return budgets or None
 
 
-def _check_int(name: str, value, low: int) -> None:
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"TrainConfig.{name}={value!r} must be an int >= {low}")
+    if high is not None and value > high:
+        raise ValueError(f"TrainConfig.{name}={value!r} must be an int <= {high}")
 
 
 def _check_float(name: str, value, low: float, high: float = math.inf,

@@ -8,12 +8,17 @@ A run folder holds:
 - ``checkpoints/``: the training state (params, optimizer state, counters, step) for
   ``--resume``. Data order and initialisation follow from the seed and the step, so a
   resumed run ends with the same parameters as an uninterrupted one.
+
+The folder's rules (a lock, no overwrites, resume rules) are in :mod:`run_dir`. A run
+whose updates were (almost) all skipped as non-finite, or whose final FVU is not
+finite, writes its files and then raises :class:`TrainingFailedError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -23,10 +28,19 @@ from hsae_jax.data import eval_batches
 from hsae_jax.data.loader import Prefetcher
 from hsae_jax.evaluate import evaluate
 from hsae_jax.io_utils import atomic_write, atomic_write_json
-from hsae_jax.model import init_arrays, save_model_files
+from hsae_jax.model import finite_rows, init_arrays, save_model_files
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
 from hsae_jax.train.checkpoint import Checkpointer
 from hsae_jax.train.config import TrainConfig
+from hsae_jax.train.run_dir import (
+    RESUMABLE_CHANGES,
+    RunFolder,
+    TrainingFailedError,
+    check_resume_settings,
+    flag,
+    resolve_paths,
+    saved_config,
+)
 from hsae_jax.train.step import (
     learning_rate_schedule,
     make_mesh,
@@ -36,17 +50,34 @@ from hsae_jax.train.step import (
     shard_batch,
 )
 
-# settings a resumed run may change; every other one must match the checkpoint
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every",
-                     "devices", "backend", "prefetch"}
+__all__ = ["RESUMABLE_CHANGES", "read_records", "resume", "train"]
 
 
-def read_records(path: str, upto_step: int) -> list[dict]:
-    """The records of ``metrics.jsonl`` up to and including ``upto_step``."""
+def read_records(path: str, upto_step: int, log=None) -> list[dict]:
+    """The records of ``metrics.jsonl`` up to and including ``upto_step``.
+
+    A line that does not parse (a record cut short when the process was killed while
+    writing it) is left out; ``log`` is told.
+    """
     if not os.path.exists(path):
         return []
+    records, bad = [], []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad and log is not None:
+        log(f"{path}: left out {len(bad)} unreadable record(s) (line {', '.join(map(str, bad))};"
+            " a record cut short by a kill)")
     return [r for r in records if r["step"] <= upto_step]
 
 
@@ -57,17 +88,6 @@ def _write_records(path: str, records: list[dict]) -> None:
                 f.write(json.dumps(r) + "\n")
 
     atomic_write(path, write)
-
-
-def _check_resumable(saved: dict, tc: TrainConfig) -> None:
-    now = tc.to_flat()
-    saved = TrainConfig.from_saved(saved).to_flat()
-    diff = {k: (saved.get(k), v) for k, v in now.items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-    if diff:
-        raise ValueError(
-            "--resume: these settings differ from the checkpoint's (saved, now): "
-            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
 
 
 class _Records:
@@ -121,26 +141,35 @@ class _Records:
 
 def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl: str,
                      resume: bool, out_dir: str, log) -> tuple[dict, int]:
-    """(state, first step): a fresh state, or the one in the latest checkpoint."""
+    """(state, first step): a fresh state, or the one in the newest checkpoint that
+    restores (newer ones that do not are named, skipped and set aside)."""
 
-    def fresh_state():
-        params, stats = init_arrays(cfg, jax.random.key(tc.seed), source.batch(0))
+    def fresh_state(sample):
+        params, stats = init_arrays(cfg, jax.random.key(tc.seed), sample)
         return {"params": params, "stats": stats, "opt_state": tx.init(params)}
 
     if resume:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"--resume {out_dir}: no checkpoint under {ckpt.directory}")
-        _check_resumable(ckpt.meta()["train_config"], tc)
-        state, meta = ckpt.restore(jax.eval_shape(fresh_state))  # shapes only: no allocation
-        start = int(meta["step"])
+        # the settings first: a checkpoint of other shapes would not restore anyway
+        _, meta, _ = ckpt.newest_meta()
+        check_resume_settings(meta["train_config"], tc, 0)
+        abstract = jax.eval_shape(fresh_state, source.batch(0))  # shapes only: no allocation
+        state, meta, start, skipped = ckpt.restore_newest(abstract)
+        check_resume_settings(meta["train_config"], tc, start)
+        for step, why in skipped:
+            log(f"checkpoint {step} does not restore, skipped: {why}")
+        moved = ckpt.set_aside([step for step, _ in skipped])
+        if moved:
+            log(f"moved the checkpoint(s) that do not restore to {moved}")
         log(f"resuming {out_dir} at step {start}")
-        _write_records(jsonl, read_records(jsonl, start))  # drop records past the checkpoint
+        _write_records(jsonl, read_records(jsonl, start, log))  # drop records past the checkpoint
         return state, start
-    if ckpt.latest_step() is not None:
-        raise FileExistsError(f"{out_dir} already holds a run: use --resume {out_dir} or "
-                              "another --out")
+    sample = source.batch(0)
+    used = finite_rows(sample, f"the first batch of the data ({source.describe()})")
+    if used < sample.shape[0]:
+        log(f"input scale and b_dec from {used} of the first batch's {sample.shape[0]} rows "
+            "(rows with NaN or inf left out)")
     _write_records(jsonl, [])
-    return fresh_state(), 0
+    return fresh_state(sample), 0
 
 
 def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
@@ -148,18 +177,47 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     """Trains an SAE as ``tc`` says, writing the run folder ``out_dir``; returns metrics.json.
 
     ``source`` (anything with ``batch(step) -> [batch_size, D]``, ``d_model`` and
-    ``describe()``) replaces the data ``tc`` names. With ``resume``, continues from the
-    last complete checkpoint in ``out_dir``.
+    ``describe()``) replaces the data ``tc`` names. ``out_dir`` must be missing or empty;
+    with ``resume``, continues from the newest checkpoint in ``out_dir`` that restores
+    (``tc`` may differ from the saved settings only in ``RESUMABLE_CHANGES``; see
+    :func:`resume` to continue with the saved settings). The folder is locked for the
+    run's life (:class:`RunInUseError` if another process has it). Raises
+    :class:`TrainingFailedError` (after writing the run's files) when too many updates
+    were skipped as non-finite (``tc.max_skipped_fraction``) or the final FVU is not
+    finite.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    tc = resolve_paths(tc)
     source = source or tc.open_source()
+    with RunFolder.claim(out_dir, resume=resume):
+        return _train(tc, out_dir, resume, source, progress, log)
+
+
+def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
+           **changes) -> dict:
+    """Continues the run in ``run_dir`` with its saved settings; ``changes`` (flat
+    settings) may repeat saved values or change those in ``RESUMABLE_CHANGES``
+    (``steps`` not below the checkpoint's step)."""
+    saved, step = saved_config(run_dir)
+    if isinstance(changes.get("steps"), int) and changes["steps"] < step:
+        raise ValueError(f"--steps={changes['steps']} is below the checkpoint's step {step}: "
+                         f"a resumed run can only go on (--steps >= {step})")
+    tc = saved.replace(**changes)
+    return train(tc, run_dir, resume=True, source=source, progress=progress, log=log)
+
+
+def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, log) -> dict:
+    """:func:`train`'s body, run with ``out_dir`` claimed."""
     cfg = dataclasses.replace(tc.sae, d_model=source.d_model)
     kernels = tc.kernels()
     tx = make_optimizer(tc)
     mesh = make_mesh(tc.devices)
     ckpt = Checkpointer(out_dir)
     jsonl = os.path.join(out_dir, "metrics.jsonl")
-    state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log)
+    try:
+        state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log)
+    except BaseException:
+        ckpt.close()
+        raise
     state = {name: replicate(value, mesh) for name, value in state.items()}
     held_out = eval_batches(source, tc.eval_batches)
     true_features = getattr(source, "features", None)
@@ -199,16 +257,41 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
 
 def _finish(tc: TrainConfig, cfg, state, last_eval: dict, source, out_dir: str, jsonl: str,
             log) -> dict:
-    """Writes the model, metrics.json and the plots; returns metrics.json's contents."""
+    """Writes the model, metrics.json and the plots; returns metrics.json's contents.
+
+    Raises TrainingFailedError after writing when the run trained (almost) nothing."""
+    skipped = int(state["opt_state"].total_notfinite)
+    summary = {**last_eval, "steps": tc.steps, "skipped_steps": skipped}
+    failure = _failure(tc, summary)
+    if failure:
+        summary["failure"] = failure
     data = {"source": source.describe(), **(source.split() if hasattr(source, "split") else {})}
     save_model_files(out_dir, cfg, state["params"], state["stats"],
                      {"train": tc.to_flat(), "data": data})
-    summary = {**last_eval, "steps": tc.steps,
-               "skipped_steps": int(state["opt_state"].total_notfinite)}
     atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
     plot_fvu_vs_k({f"{cfg.objective} K={cfg.k}": summary["fvu_per_k"]},
                   os.path.join(out_dir, "fvu_vs_k.png"))
     plot_training_curves(read_records(jsonl, tc.steps), os.path.join(out_dir, "loss.png"))
+    if failure:
+        raise TrainingFailedError(f"{failure}; the run's files are kept in {out_dir} "
+                                  "(metrics.jsonl and loss.png show when it went wrong)")
     log(f"done: FVU at K {summary['fvu']:.4f}, L0 {summary['l0']:.2f}, dead "
-        f"{summary['dead_fraction']:.3f}; wrote {out_dir}")
+        f"{summary['dead_fraction']:.3f}; {skipped} of {tc.steps} steps skipped "
+        f"(non-finite loss or gradient); wrote {out_dir}")
     return summary
+
+
+def _failure(tc: TrainConfig, summary: dict) -> str | None:
+    """Why a finished run counts as failed (None: it did not)."""
+    skipped, steps = summary["skipped_steps"], summary["steps"]
+    why = ("non-finite loss or gradients: NaN or inf in the data, or a learning rate too "
+           "large")
+    if skipped >= steps:
+        return f"no step was applied: all {steps} were skipped ({why})"
+    if skipped > tc.max_skipped_fraction * steps:
+        return (f"{skipped} of {steps} steps were skipped ({why}), more than "
+                f"{flag('max_skipped_fraction')}={tc.max_skipped_fraction:g}")
+    if not math.isfinite(summary["fvu"]):
+        return (f"the final evaluation's FVU is {summary['fvu']} (evaluation data with NaN "
+                "or inf, or with zero variance)")
+    return None
