@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -171,9 +172,12 @@ def test_non_finite_rows_are_named_by_file_and_row(tmp_path):
     rows[80, 0] = np.inf
     source = RowSource(open_rows(save(tmp_path / "bad.npy", rows)), 96, eval_fraction=0,
                        block_rows=1)
-    with pytest.raises(NonFiniteRowsError, match=r"2 row\(s\) of step 0's batch hold NaN or "
-                       r"inf: .*bad.npy row 37, .*bad.npy row 80"):
-        source.host_batch(0)
+    message = r"2 row\(s\) of step 0's batch hold NaN or inf: .*bad.npy row 37, .*bad.npy row 80"
+    with pytest.raises(NonFiniteRowsError, match=message):
+        source.batch(0)
+    with pytest.raises(NonFiniteRowsError, match=message):  # the loader checks on the device
+        for _ in Prefetcher(source, range(1), put=jax.device_put):
+            pass
 
 
 @pytest.mark.parametrize("make, message", [
@@ -243,12 +247,23 @@ class Recorder:
         return np.full((2, 3), step, np.float16)
 
 
-def test_the_loader_reads_ahead_on_a_thread_in_step_order():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_loader_reads_ahead_on_threads_in_step_order(workers):
     source = Recorder()
-    with Prefetcher(source, range(5, 12), put=lambda x: x * 2, depth=2) as batches:
+    with Prefetcher(source, range(5, 40), put=lambda x: x * 2, depth=4,
+                    workers=workers) as batches:
         got = [(step, int(x[0, 0])) for step, x in batches]
-    assert got == [(s, 2 * s) for s in range(5, 12)]
+    assert got == [(s, 2 * s) for s in range(5, 40)]
     assert source.thread is not threading.current_thread()
+
+
+def test_the_loaders_batches_equal_the_sources(tmp_path):
+    rows = rows_of(2000, 8, np.float16)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0.05)
+    with Prefetcher(source, range(3, 30), put=jax.device_put, depth=3) as batches:
+        for step, x in batches:
+            assert x.dtype == np.float16
+            np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
 
 
 def test_a_read_error_surfaces_at_its_step():

@@ -10,6 +10,9 @@ the first, which holds compilation). Runs:
 - ``dead-auxk`` / ``dead-no-auxk``: synthetic data with a short ``dead_tokens`` so that
   latents die and AuxK runs, and the same with AuxK off (the pair the AuxK goal compares).
 
+For the file runs the data path is also timed alone (the prefetching loader with no step
+behind it): "loader alone tokens/s" is the ceiling the data path puts on a run.
+
 The data files hold rows of the synthetic generator (written once into ``work_dir``), so
 every run trains on the same kind of activations.
 """
@@ -20,12 +23,13 @@ import dataclasses
 import json
 import os
 import statistics
+import time
 
 import jax
 import numpy as np
 
 from hsae_jax.bench import common
-from hsae_jax.data import CacheWriter
+from hsae_jax.data import CacheWriter, Prefetcher
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.train import TrainConfig, train
 
@@ -94,6 +98,22 @@ def write_data(s: TrainBenchSettings, log=print) -> dict[str, str]:
     return paths
 
 
+def loader_tokens_per_s(tc: TrainConfig, steps: int) -> float:
+    """Tokens/s of the data path alone (read, copy to the device, finiteness check), with
+    the trainer's prefetch settings and no training step to hide behind."""
+    source = tc.open_source()
+    put = jax.device_put
+    with Prefetcher(source, range(2), put, depth=tc.prefetch) as warm:
+        for _ in warm:
+            pass
+    start = time.perf_counter()
+    with Prefetcher(source, range(2, 2 + steps), put, depth=tc.prefetch) as batches:
+        for _, x in batches:
+            last = x
+    jax.block_until_ready(last)
+    return steps * tc.batch_size / (time.perf_counter() - start)
+
+
 def steady_tokens_per_s(run_dir: str) -> dict:
     """Median tokens/s over the log intervals after the first (compilation), and more."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -124,7 +144,10 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
             shutil.rmtree(run_dir)
         row = {"run": name}
         try:
-            train(TrainConfig.from_flat(**flat), run_dir, progress=False, log=lambda *_: None)
+            tc = TrainConfig.from_flat(**flat)
+            if name in paths:
+                row["loader_tokens_per_s"] = loader_tokens_per_s(tc, min(s.steps, 50))
+            train(tc, run_dir, progress=False, log=lambda *_: None)
             row.update(steady_tokens_per_s(run_dir))
             row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
         except Exception as err:  # noqa: BLE001 - one failure must not stop the table
@@ -145,6 +168,7 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
     log("")
     log(common.markdown_table(rows, [
         ("run", "run", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "step ms", ".2f"),
+        ("loader_tokens_per_s", "loader alone tokens/s", ",.0f"),
         ("vs_baseline", "vs baseline", ".2f"), ("dead_fraction", "dead", ".3f"),
         ("skipped_steps", "skipped", ".0f"), ("error", "error", "s")]))
     log("baseline: synthetic (for dead-auxk: dead-no-auxk)")

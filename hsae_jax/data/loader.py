@@ -1,89 +1,91 @@
 """Batches on the device before the step asks for them.
 
-:class:`Prefetcher` runs a background thread that reads each step's rows from disk
-(``source.host_batch``), starts their copy to the device (``put``) and keeps up to
-``depth`` batches ready, so the training step never waits on the disk, on NumPy or on
-the host-to-device copy. Sources that make their batches on the device (the synthetic
-generator) are called from the consuming thread instead: JAX's asynchronous dispatch
-already overlaps them with the step. Rows travel in their stored dtype; the step converts
-them on the device.
+:class:`Prefetcher` reads each step's rows on a pool of background threads
+(``source.host_batch``: memory-mapped slices, which release the GIL while they copy),
+starts their copy to the device (``put``), checks them for NaN / inf on the device, and
+keeps up to ``depth`` batches in flight, so the training step never waits on the disk, on
+NumPy or on the host-to-device copy. Sources that make their batches on the device (the
+synthetic generator) are called from the consuming thread instead: JAX's asynchronous
+dispatch already overlaps them with the step. Rows travel in their stored dtype; the step
+converts them on the device.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
+import concurrent.futures
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
 
 
 class Prefetcher:
-    """Iterates ``(step, batch)`` for ``steps`` in order, ``depth`` batches ahead.
+    """Iterates ``(step, batch)`` for ``steps`` in order, up to ``depth`` batches ahead.
 
-    source: has ``batch(step)`` (device batches) and, for reading on a background thread,
-      ``host_batch(step, process_index, process_count)``.
+    source: has ``batch(step)`` (device batches) and, to be read on background threads,
+      ``host_batch(step, process_index, process_count)`` and ``non_finite_error(step,
+      rows, process_index, process_count)`` (the exception naming rows with NaN / inf).
     put: host rows -> device array (e.g. a ``device_put`` with the batch's sharding, or
       ``jax.make_array_from_process_local_data`` with several processes).
+    workers: reading threads (default: ``min(depth, 4)``).
     Errors raised while reading step s (e.g. a batch with non-finite rows) are raised by
     the iterator at step s, after the batches before it. Use as a context manager (or
-    call :meth:`close`) so the thread stops when the loop ends early.
+    call :meth:`close`) so the threads stop when the loop ends early.
     """
 
-    def __init__(self, source, steps: range, put: Callable, *, depth: int = 3,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(self, source, steps: range, put: Callable, *, depth: int = 4,
+                 workers: int | None = None, process_index: int = 0, process_count: int = 1):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
-        self.source, self.steps, self.put = source, steps, put
+        self.source, self.steps, self.put, self.depth = source, steps, put, depth
         self.process_index, self.process_count = process_index, process_count
-        self._threaded = hasattr(source, "host_batch")
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = None
-        if self._threaded:
-            self._thread = threading.Thread(target=self._produce, name="hsae-prefetch",
-                                            daemon=True)
-            self._thread.start()
+        self._pool = None
+        if hasattr(source, "host_batch"):
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=workers or min(depth, 4), thread_name_prefix="hsae-prefetch")
+        self._pending: collections.deque = collections.deque()
 
-    def _produce(self) -> None:
-        for step in self.steps:
-            if self._stop.is_set():
-                return
-            try:
-                rows = self.source.host_batch(step, self.process_index, self.process_count)
-                item = (step, self.put(rows), None)
-            except Exception as err:  # noqa: BLE001 - handed to the consumer at this step
-                item = (step, None, err)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
+    def _read(self, step: int):
+        rows = self.source.host_batch(step, self.process_index, self.process_count)
+        batch = self.put(rows)
+        if not bool(_all_finite(batch)):
+            check = getattr(self.source, "non_finite_error", None)
+            if check is None:
+                raise ValueError(f"step {step}'s batch holds NaN or inf")
+            raise check(step, rows, self.process_index, self.process_count)
+        return batch
 
     def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
-        if not self._threaded:
+        if self._pool is None:
             for step in self.steps:
                 yield step, self.put(self.source.batch(step))
             return
-        for expected in self.steps:
-            step, batch, err = self._queue.get()
-            if err is not None:
-                raise err
-            assert step == expected, (step, expected)
+        upcoming = iter(self.steps)
+        for step in upcoming:
+            self._pending.append((step, self._pool.submit(self._read, step)))
+            if len(self._pending) >= self.depth:
+                break
+        while self._pending:
+            step, future = self._pending.popleft()
+            batch = future.result()  # raises what reading this step raised
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                self._pending.append((nxt, self._pool.submit(self._read, nxt)))
             yield step, batch
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    self._thread.join(timeout=0.05)
-            self._thread = None
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> Prefetcher:
         return self

@@ -89,6 +89,11 @@ class MappedRows:
             raise IndexError(f"read({start}, {stop}): need 0 <= start <= stop <= n_rows="
                              f"{self.n_rows}")
         out = np.empty((stop - start, self._d_model), self._dtype)
+        self._read_into(out, start, stop)
+        return out
+
+    def _read_into(self, out: np.ndarray, start: int, stop: int) -> None:
+        """Copies rows ``start <= i < stop`` (checked by the caller) into ``out``."""
         index = int(np.searchsorted(self._starts, start, side="right")) - 1
         pos = start
         while pos < stop:
@@ -96,14 +101,14 @@ class MappedRows:
             end = min(stop, int(self._starts[index + 1]))
             out[pos - start:end - start] = self._map(index)[pos - first:end - first]
             pos, index = end, index + 1
-        return out
 
     def take(self, rows) -> np.ndarray:
         """Rows by global id: ``rows`` [n] integers in [0, n_rows), any order, repeats
         allowed -> a new [n, D] array of :attr:`dtype`, in the given order.
 
-        Ids are sorted and grouped by segment; a contiguous run is copied as one slice,
-        anything else by one gather from the segment's memory map.
+        Ids that come in runs of consecutive rows (a training batch's blocks) are copied
+        one slice per run; otherwise they are sorted, grouped by segment and gathered from
+        each segment's memory map.
         """
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
@@ -111,6 +116,16 @@ class MappedRows:
                             f"shape {rows.shape}")
         out = np.empty((rows.size, self._d_model), self._dtype)
         if rows.size == 0:
+            return out
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+        if cuts.size < rows.size // 4:  # runs of 4 rows or more on average: slice per run
+            lo, hi = int(rows.min()), int(rows.max())
+            if lo < 0 or hi >= self.n_rows:
+                raise IndexError(f"take: row {lo if lo < 0 else hi} is outside [0, n_rows="
+                                 f"{self.n_rows})")
+            bounds = np.concatenate([[0], cuts, [rows.size]])
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=False):
+                self._read_into(out[a:b], int(rows[a]), int(rows[a]) + b - a)
             return out
         order = np.argsort(rows, kind="stable")
         ids = rows[order].astype(np.int64)

@@ -6,9 +6,11 @@ slice). A seeded permutation of the blocks holds some out for evaluation (plus t
 epoch, and step s takes the rows at positions ``[s * B, (s + 1) * B)`` of that endless
 stream: every training row once per epoch, batches drawn from the whole file or cache
 (not from one contiguous run), the same batch for the same (seed, step) on every run, so
-a resumed run reads exactly what an uninterrupted one would. The permutations are
-keyed Feistel networks over the block index, computed for the positions asked for: no
-table of N entries is ever built.
+a resumed run reads exactly what an uninterrupted one would. A batch is its blocks in
+stream order (with ``B`` a multiple of ``block_rows``, whole blocks), so that reading it
+is one slice per block and a device's share of the batch is a set of random blocks. The
+permutations are keyed Feistel networks over the block index, computed for the positions
+asked for: no table of N entries is ever built.
 """
 
 from __future__ import annotations
@@ -129,11 +131,9 @@ class RowSampler:
 
     def batch_rows(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """[hi - lo] int64 row ids of rows ``lo..hi`` (default all B) of step ``step``'s
-        batch, in batch order (a seeded shuffle of the batch)."""
+        batch, in batch order."""
         hi = self.batch_size if hi is None else hi
-        b = self.batch_size
-        order = np.random.default_rng([self.seed, 0xBA7C, step]).permutation(b)[lo:hi]
-        q = np.int64(step) * b + order.astype(np.int64)  # positions in the endless stream
+        q = np.int64(step) * self.batch_size + np.arange(lo, hi, dtype=np.int64)  # stream
         per_epoch = self.train_rows
         epoch, within = np.divmod(q, per_epoch)
         slot, offset = np.divmod(within, self.block_rows)

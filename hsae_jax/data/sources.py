@@ -67,22 +67,34 @@ class RowSource:
 
     # ------------------------------------------------------------------ training rows
 
+    def _share(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        share = self.batch_size // process_count
+        return self.sampler.batch_rows(step, process_index * share,
+                                       (process_index + 1) * share)
+
     def host_batch(self, step: int, process_index: int = 0, process_count: int = 1
                    ) -> np.ndarray:
         """This process's share [B / process_count, D] of step ``step``'s batch, stored
-        dtype (float64 files come back as float32). Raises NonFiniteRowsError naming the
-        file and rows when the batch holds NaN or inf."""
-        share = self.batch_size // process_count
-        ids = self.sampler.batch_rows(step, process_index * share, (process_index + 1) * share)
-        x = self.rows.take(ids)
-        bad = _non_finite(x)
-        if bad.any():
-            raise NonFiniteRowsError(self._describe_rows(ids[bad], f"step {step}'s batch"))
+        dtype (float64 files come back as float32). Not checked for NaN / inf here: the
+        loader checks on the device and calls :meth:`non_finite_error` when it must."""
+        x = self.rows.take(self._share(step, process_index, process_count))
         return x.astype(np.float32) if x.dtype == np.float64 else x
 
+    def non_finite_error(self, step: int, rows: np.ndarray, process_index: int = 0,
+                         process_count: int = 1) -> NonFiniteRowsError:
+        """The error naming the files and rows of ``rows`` (step ``step``'s host batch)
+        that hold NaN or inf."""
+        ids = self._share(step, process_index, process_count)
+        return NonFiniteRowsError(self._describe_rows(ids[_non_finite(rows)],
+                                                      f"step {step}'s batch"))
+
     def batch(self, step: int) -> jax.Array:
-        """Step ``step``'s [B, D] batch on the default device (stored dtype)."""
-        return jax.device_put(self.host_batch(step))
+        """Step ``step``'s [B, D] batch on the default device (stored dtype); raises
+        NonFiniteRowsError naming the rows if it holds NaN or inf."""
+        rows = self.host_batch(step)
+        if _non_finite(rows).any():
+            raise self.non_finite_error(step, rows)
+        return jax.device_put(rows)
 
     def _describe_rows(self, ids: np.ndarray, where: str) -> str:
         ids = np.sort(ids)
