@@ -322,24 +322,41 @@ def test_two_processes_never_share_a_run_folder(tmp_path):
 # ------------------------------------------------------------- runs that train nothing
 
 
-def test_a_run_whose_every_step_is_skipped_fails_and_keeps_its_files(tmp_path, capsys):
+def test_a_run_whose_every_step_is_skipped_fails_and_keeps_its_files(tmp_path):
     """Every batch holds one NaN row: the input scale comes from the other rows, every
-    update is skipped, the run writes its files and exits 1 instead of saying done."""
-    rows = np.random.default_rng(1).normal(size=(128, 8)).astype(np.float32)
-    rows[::32, 0] = np.nan  # one row in each block of 32
-    np.save(tmp_path / "nan.npy", rows)
-    status, out, err = cli(capsys, "train", "--no-progress", "--out", str(tmp_path / "run"),
-                           "--data", str(tmp_path / "nan.npy"), *flags(**SMALL))
-    assert status == 1
-    assert "from 31 of the first batch's 32 rows" in out
-    assert "done" not in out
-    assert "no step was applied: all 4 were skipped" in error_line(err)
+    update is skipped, the run writes its files and fails instead of saying done."""
+    inner = TrainConfig.from_flat(**SMALL).open_source()
+
+    class Poisoned:  # one NaN row in every batch
+        d_model = inner.d_model
+        describe = inner.describe
+
+        def batch(self, step):
+            return inner.batch(step).at[3, 0].set(np.nan)
+
+    lines = []
+    with pytest.raises(TrainingFailedError, match="no step was applied: all 4 were skipped"):
+        train(TrainConfig.from_flat(**SMALL), str(tmp_path / "run"), source=Poisoned(),
+              progress=False, log=lines.append)
+    assert any("from 31 of the first batch's 32 rows" in line for line in lines)
+    assert not any(line.startswith("done") for line in lines)
     for name in ("sae.safetensors", "cfg.json", "metrics.jsonl", "checkpoints"):
         assert (tmp_path / "run" / name).exists(), name
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped_steps"] == 4 and "no step was applied" in metrics["failure"]
     scale = json.loads((tmp_path / "run" / "cfg.json").read_text())["input_scale"]
     assert np.isfinite(scale) and scale > 0
+
+
+def test_nan_rows_in_a_data_file_stop_the_run_naming_them(tmp_path, capsys):
+    rows = np.random.default_rng(1).normal(size=(256, 8)).astype(np.float32)
+    rows[200, 3] = np.nan
+    np.save(tmp_path / "nan.npy", rows)
+    status, out, err = cli(capsys, "train", "--no-progress", "--out", str(tmp_path / "run"),
+                           "--data", str(tmp_path / "nan.npy"), *flags(**{**SMALL, "steps": 24}))
+    assert status == 2
+    assert "hold NaN or inf" in err and "nan.npy row 200" in err
+    assert "done" not in out
 
 
 def test_too_many_skipped_steps_fail_and_the_final_line_counts_them(tmp_path):
