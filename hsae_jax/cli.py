@@ -179,7 +179,7 @@ def _add_harvest(sub) -> None:
 
     p = sub.add_parser(
         "harvest", help="write a model's activations over text as an activation cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for field in dataclasses.fields(HarvestConfig):
         flag = "--" + field.name.replace("_", "-")
