@@ -15,30 +15,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 
 from hsae_jax.data import eval_batches
 from hsae_jax.data.loader import Prefetcher
-from hsae_jax.evaluate import evaluate
 from hsae_jax.io_utils import atomic_write, atomic_write_json
-from hsae_jax.model import init_arrays, save_model_files
+from hsae_jax.model import save_model_files
+from hsae_jax.parallel import MeshShape, distributed, make_layout
+from hsae_jax.parallel.evaluate import evaluate_sharded
+from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
 from hsae_jax.train.checkpoint import Checkpointer
 from hsae_jax.train.config import TrainConfig
-from hsae_jax.train.step import (
-    learning_rate_schedule,
-    make_mesh,
-    make_optimizer,
-    make_train_step,
-    replicate,
-    shard_batch,
-)
+from hsae_jax.train.step import learning_rate_schedule, make_optimizer, make_train_step
 
-# settings a resumed run may change; every other one must match the checkpoint
+# settings a resumed run may change; every other one must match the checkpoint (a run
+# saved on one mesh resumes on any other: checkpoints are restored into the new layout)
 RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every",
-                     "devices", "backend", "prefetch"}
+                     "devices", "backend", "prefetch", "mesh", "coordinator",
+                     "num_processes", "process_id"}
 
 
 def read_records(path: str, upto_step: int) -> list[dict]:
@@ -120,18 +119,19 @@ class _Records:
 
 
 def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl: str,
-                     resume: bool, out_dir: str, log) -> tuple[dict, int]:
-    """(state, first step): a fresh state, or the one in the latest checkpoint."""
+                     resume: bool, out_dir: str, log, layout) -> tuple[dict, int]:
+    """(state, first step): a fresh state, or the one in the latest checkpoint, laid out
+    on ``layout``'s mesh."""
 
     def fresh_state():
-        params, stats = init_arrays(cfg, jax.random.key(tc.seed), source.batch(0))
-        return {"params": params, "stats": stats, "opt_state": tx.init(params)}
+        return init_state(layout, cfg, tx, tc.seed, source.batch(0), tc.param_dtype)
 
     if resume:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"--resume {out_dir}: no checkpoint under {ckpt.directory}")
         _check_resumable(ckpt.meta()["train_config"], tc)
-        state, meta = ckpt.restore(jax.eval_shape(fresh_state))  # shapes only: no allocation
+        # shapes and this mesh's shardings only: each device reads its own blocks
+        state, meta = ckpt.restore(abstract_state(layout, cfg, tx, tc.param_dtype))
         start = int(meta["step"])
         log(f"resuming {out_dir} at step {start}")
         _write_records(jsonl, read_records(jsonl, start))  # drop records past the checkpoint
@@ -151,29 +151,39 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     ``describe()``) replaces the data ``tc`` names. With ``resume``, continues from the
     last complete checkpoint in ``out_dir``.
     """
+    distributed.initialize(tc.coordinator, tc.num_processes, tc.process_id)
+    primary = distributed.is_primary()  # writes the run folder's files; every process trains
+    if not primary:
+        log, progress = (lambda *_: None), False
     os.makedirs(out_dir, exist_ok=True)
     source = source or tc.open_source()
     cfg = dataclasses.replace(tc.sae, d_model=source.d_model)
     kernels = tc.kernels()
-    tx = make_optimizer(tc)
-    mesh = make_mesh(tc.devices)
+    layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
+    layout.check(cfg, tc.batch_size)
+    tx = make_optimizer(tc, layout)
     ckpt = Checkpointer(out_dir)
-    jsonl = os.path.join(out_dir, "metrics.jsonl")
-    state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log)
-    state = {name: replicate(value, mesh) for name, value in state.items()}
+    # other processes keep their records in a scratch folder: the run folder's are process 0's
+    scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
+    jsonl = os.path.join(scratch or out_dir, "metrics.jsonl")
+    state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log,
+                                    layout)
     held_out = eval_batches(source, tc.eval_batches)
     true_features = getattr(source, "features", None)
     log(f"training {cfg.objective} SAE D={cfg.d_model} F={cfg.n_latents} K={cfg.k} on "
         f"{source.describe()}; batch {tc.batch_size} x {tc.steps} steps on "
-        f"{mesh.devices.size} device(s), backend {kernels.backend}")
+        f"{layout.describe()}, backend {kernels.backend}")
 
     def evaluate_state(params, stats):
-        return evaluate(cfg, params, stats, held_out, true_features, kernels=kernels)
+        return evaluate_sharded(cfg, layout, params, stats, held_out, true_features,
+                                kernels=kernels)
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
-    step_fn = make_train_step(cfg, tx, mesh, kernels)
-    batches = Prefetcher(source, range(start, tc.steps), lambda x: shard_batch(x, mesh),
-                         depth=tc.prefetch)
+    step_fn = make_train_step(cfg, tx, layout, kernels)
+    share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
+    batches = Prefetcher(source, range(start, tc.steps),
+                         lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
+                         process_index=share, process_count=shares)
     try:
         for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
@@ -193,7 +203,15 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
         batches.close()
         records.close()
         ckpt.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     last_eval = records.last_eval or evaluate_state(state["params"], state["stats"])
+    # with several processes the blocks are gathered (every process takes part)
+    state = {**state, "params": host_arrays(state["params"]),
+             "stats": host_arrays(state["stats"])}
+    if not primary:
+        return {**last_eval, "steps": tc.steps,
+                "skipped_steps": int(state["opt_state"].total_notfinite)}
     return _finish(tc, cfg, state, last_eval, source, out_dir, jsonl, log)
 
 

@@ -1,4 +1,10 @@
-"""The optimizer and the jit-compiled, data-parallel training step."""
+"""The optimizer and the jit-compiled training step (on a (data, model) mesh).
+
+:func:`make_train_step` is :func:`hsae_jax.parallel.make_sharded_step`: the one step,
+on any mesh (a mesh of one device included). :func:`make_replicated_step` is the
+data-parallel step of earlier versions (every device holds everything), kept as the
+reference the sharded step is tested and benchmarked against.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,15 @@ from jax.sharding import PartitionSpec as P
 
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.model import SAEConfig, normalize_decoder, project_decoder_grad, sae_loss
+from hsae_jax.parallel import Layout, make_sharded_step
+from hsae_jax.parallel import optim as sharded_optim
+from hsae_jax.parallel.step import MAX_TOKENS_SINCE_FIRED
 from hsae_jax.train.config import TrainConfig
 
 AXIS = "data"
-MAX_TOKENS_SINCE_FIRED = 2**30  # saturate instead of overflowing int32
+__all__ = ["MAX_TOKENS_SINCE_FIRED", "apply_gradients", "learning_rate_schedule", "make_mesh",
+           "make_optimizer", "make_replicated_step", "make_train_step", "replicate",
+           "shard_batch"]
 
 
 def learning_rate_schedule(tc: TrainConfig):
@@ -34,14 +45,36 @@ def learning_rate_schedule(tc: TrainConfig):
     return schedule
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """clip -> Adam(schedule), skipping (and counting) any update with a non-finite gradient."""
-    parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
-    parts.append(optax.adam(learning_rate_schedule(tc)))
+def make_optimizer(tc: TrainConfig, layout: Layout | Mesh | None = None
+                   ) -> optax.GradientTransformation:
+    """clip -> Adam(schedule), skipping (and counting) any update with a non-finite gradient.
+
+    ``layout``: the mesh the step runs on; with the dictionary split over ``model`` the
+    clip takes the norm over the whole mesh (a step on such a mesh needs this). Adam's
+    moments are ``tc.adam_dtype``.
+    """
+    axes = _layout(layout).axes if layout is not None else None
+    parts = []
+    if tc.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(tc.clip_norm) if axes is None else
+                     sharded_optim.clip_by_global_norm(tc.clip_norm, axes))
+    parts.append(sharded_optim.adam(learning_rate_schedule(tc), tc.adam_dtype))
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
 
 
+def _layout(mesh_or_layout) -> Layout:
+    return mesh_or_layout if isinstance(mesh_or_layout, Layout) else Layout(mesh_or_layout)
+
+
+def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Layout | Mesh,
+                    kernels: KernelSettings = DEFAULT_KERNELS):
+    """``jit(shard_map(step))`` on ``mesh`` (a :class:`Layout`, a ("data", "model") mesh or
+    a 1-D "data" mesh): see :func:`hsae_jax.parallel.make_sharded_step`."""
+    return make_sharded_step(cfg, tx, _layout(mesh), kernels)
+
+
 def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh of the first ``devices`` devices (default: all)."""
     available = jax.devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
@@ -60,12 +93,15 @@ def shard_batch(x, mesh: Mesh):
     return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
 
 
+# ------------------------------------------------- the replicated step (the reference)
+
+
 def _global_norm(tree):
     return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
 
 
 def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, loss):
-    """The step after the gradients: (params, opt_state, grad_norm).
+    """The step after the gradients, every array whole: (params, opt_state, grad_norm).
 
     The W_dec gradient's component along each row is removed, clip + Adam run (an update
     is skipped when ``loss`` or any gradient is not finite), and W_dec rows are
@@ -81,14 +117,12 @@ def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, 
     return params, opt_state, _global_norm(grads)
 
 
-def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    kernels: KernelSettings = DEFAULT_KERNELS):
-    """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
-
-    One step: loss and gradients on each device's rows, gradients averaged over
-    devices, :func:`apply_gradients`, dead-latent counters advanced. A step whose loss
-    or gradient is not finite changes nothing but the skip counter.
-    """
+def make_replicated_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                         kernels: KernelSettings = DEFAULT_KERNELS):
+    """The data-parallel step of hsae-jax <= 0.1 (params, stats, opt_state replicated on
+    every device of a 1-D "data" mesh, :func:`hsae_jax.model.sae_loss` on each device's
+    rows): the reference the sharded step is checked against on one device, and the
+    baseline ``benchmarks/shard_h200.py`` times it against."""
 
     def local_step(params, stats, opt_state, x):
         grad_fn = jax.value_and_grad(functools.partial(sae_loss, cfg, kernels=kernels),
