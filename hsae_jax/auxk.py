@@ -10,7 +10,9 @@ reconstruction is reconstructed from the top ``aux_k`` dead latents of each toke
 [B, D] x [D, n] matmul over n columns), their top aux_k per token, and the
 reconstruction as a dense [B, n] x [n, D] product; autodiff gives the gradients of the
 dead latents' encoder and decoder rows, b_enc and b_dec. n is a static bucket that holds
-every dead latent (F/64, F/16, F/4 or F; ``lax.switch`` takes the smallest that fits), so
+every dead latent (F/64, F/16, F/4 or F; ``lax.switch`` takes the smallest that fits; with
+``auxk_max_fraction`` < 1 the largest bucket is smaller, and beyond it the lowest-numbered
+dead latents take part, the others when those have revived), so
 a step with a few dead latents costs a few small matmuls instead of a second [B, F]
 encoder pass, a top-k with k = aux_k over F and a decoder walk over aux_k rows per token.
 ``auxk_loss_reference`` is that definition written plainly (the full encoder with the live
@@ -33,9 +35,11 @@ from hsae_jax.topk import top_k
 BUCKET_DIVISORS = (64, 16, 4, 1)  # column buckets F / q for the dead latents
 
 
-def column_buckets(n_latents: int) -> tuple[int, ...]:
-    """The static column counts a step may compute AuxK on, smallest first."""
-    return tuple(sorted({max(1, n_latents // q) for q in BUCKET_DIVISORS}))
+def column_buckets(n_latents: int, max_fraction: float = 1.0) -> tuple[int, ...]:
+    """The static column counts a step may compute AuxK on, smallest first: F / q for the
+    divisors with 1 / q <= ``max_fraction`` (at least F / 64)."""
+    kept = [q for q in BUCKET_DIVISORS if q * max_fraction >= 1] or [BUCKET_DIVISORS[0]]
+    return tuple(sorted({max(1, n_latents // q) for q in kept}))
 
 
 def _cast(compute_dtype: str, x):
@@ -93,7 +97,7 @@ def auxk_loss(cfg, params, xs, vals, indices, dead, kernels: KernelSettings) -> 
     differentiated). dead: [F] bool.
     """
     num_dead = jnp.sum(dead)
-    buckets = column_buckets(cfg.n_latents)
+    buckets = column_buckets(cfg.n_latents, cfg.auxk_max_fraction)
     branches = [lambda *_: jnp.float32(0.0)] + [
         functools.partial(_dead_columns_loss, cfg, kernels=kernels, columns=n)
         for n in buckets]
