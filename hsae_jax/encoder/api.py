@@ -46,8 +46,13 @@ class Encoder:
     config: SparseEncoderConfig
 
     def forward(self, x, w_enc, b_enc, b_dec):
-        pre, xc = encoder_preactivations(x, w_enc, b_enc, b_dec)
-        values, indices = top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+        xc = x - b_dec.astype(x.dtype)
+
+        def select(xc_rows):
+            pre = scores(xc_rows, w_enc, b_enc)
+            return top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+
+        values, indices = by_rows(select, xc, self.config.forward_rows)
         return jax.nn.relu(values), indices, xc
 
     def weight_grad(self, indices, dpre, xc, f):
@@ -90,12 +95,24 @@ def _encode_bwd(enc, saved, cotangents):
     return encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
 
-def encoder_preactivations(x, w_enc, b_enc, b_dec):
-    """(pre [B, F] float32, xc [B, D]): ``xc = x - b_dec``, ``pre = xc @ w_enc.T + b_enc``,
-    the matmul in x's dtype accumulating in float32."""
-    xc = x - b_dec.astype(x.dtype)
-    pre = jnp.dot(xc, w_enc.T.astype(x.dtype), preferred_element_type=jnp.float32)
-    return pre + b_enc.astype(jnp.float32), xc
+def scores(xc, w_enc, b_enc):
+    """[B, F] float32 pre-activations ``xc @ w_enc.T + b_enc`` of centred inputs xc [B, D],
+    the matmul in xc's dtype accumulating in float32."""
+    pre = jnp.dot(xc, w_enc.T.astype(xc.dtype), preferred_element_type=jnp.float32)
+    return pre + b_enc.astype(jnp.float32)
+
+
+def by_rows(select, xc, rows: int | None):
+    """``select(xc)`` ([B, D] -> arrays [B, ...]) on blocks of ``rows`` rows at a time
+    (``lax.map``; the last block padded with zero rows, dropped from the outputs), so only
+    a [rows, F] block of pre-activations exists at once; None: all rows together."""
+    b = xc.shape[0]
+    if rows is None or rows >= b:
+        return select(xc)
+    blocks = -(-b // rows)
+    padded = jnp.pad(xc, ((0, blocks * rows - b), (0, 0)))
+    out = jax.lax.map(select, padded.reshape(blocks, rows, xc.shape[1]))
+    return jax.tree.map(lambda o: o.reshape(blocks * rows, *o.shape[2:])[:b], out)
 
 
 def encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec):

@@ -19,7 +19,7 @@ import functools
 
 import jax
 
-from hsae_jax.encoder.api import Encoder, encoder_backward, encoder_preactivations
+from hsae_jax.encoder.api import Encoder, by_rows, encoder_backward, scores
 from hsae_jax.parallel.collectives import merge_top_k
 from hsae_jax.parallel.mesh import Axes
 from hsae_jax.topk import top_k
@@ -35,13 +35,19 @@ class ShardedEncoder:
         return self.axes.model_index() * f_local
 
     def forward(self, x, w_enc, b_enc, b_dec):
-        pre, xc = encoder_preactivations(x, w_enc, b_enc, b_dec)  # [B, F/m]
+        xc = x - b_dec.astype(x.dtype)
         candidates = min(self.enc.k, w_enc.shape[0])  # a block may hold fewer than K
-        values, indices = top_k(pre, candidates, backend=self.enc.backend,
-                                config=self.enc.topk_config)
-        if self.axes.model > 1:
-            values, indices = merge_top_k(values, indices + self.offset(w_enc.shape[0]),
-                                          self.enc.k)
+
+        def select(xc_rows):
+            pre = scores(xc_rows, w_enc, b_enc)  # [rows, F/m]
+            values, indices = top_k(pre, candidates, backend=self.enc.backend,
+                                    config=self.enc.topk_config)
+            if self.axes.model > 1:
+                values, indices = merge_top_k(values, indices + self.offset(w_enc.shape[0]),
+                                              self.enc.k)
+            return values, indices
+
+        values, indices = by_rows(select, xc, self.enc.config.forward_rows)
         return jax.nn.relu(values), indices, xc
 
 
