@@ -5,8 +5,9 @@ The dead latents live on different devices: device j finds its own (its block of
 rows in a static column bucket n (F/m/64 ... F/m, the smallest that holds the most
 dead latents any device has: ``lax.switch`` takes the same branch on every device), and
 takes its top aux_k; the global top aux_k per token is merged from the m candidate
-lists like the main top-K (never [B, F]). Each device keeps the winners among its own
-columns as a dense [B, n] activation matrix. The reconstruction needs the winners'
+lists like the main top-K (never [B, F]). The largest bucket (every column) uses the
+blocks themselves instead of gathered copies of their rows. Each device keeps the winners
+among its own columns as a dense [B, n] activation matrix. The reconstruction needs the winners'
 decoder rows over all of D, which lie across the devices (W_dec is split over D): an
 all-to-all brings each device the rows of its own dead latents ([n, D], not [F, D]),
 each device multiplies its [B, n] activations by them, and a reduce-scatter over D sums
@@ -57,6 +58,7 @@ def _winners(cfg, axes: Axes, kernels, pre):
     b, n = pre.shape
     if axes.model * n <= aux_k:  # every dead latent is among a token's top aux_k
         return None
+    pre = jax.lax.stop_gradient(pre)  # which columns win is not differentiated
     rows = jnp.arange(b)[:, None]
     if axes.model == 1:
         _, positions = top_k(pre, aux_k, backend=kernels.backend, config=kernels.topk)
@@ -86,6 +88,16 @@ def _dead_rows(axes: Axes, w_dec, latents, is_dead):
     return rows.reshape(axes.model, n, -1).transpose(1, 0, 2).reshape(n, -1)
 
 
+def _all_rows(axes: Axes, w_dec):
+    """[F/m, D]: W_dec rows of this device's latents over all of D (w_dec: [F, D/m])."""
+    if axes.model == 1:
+        return w_dec
+    f, d_local = w_dec.shape
+    rows = jax.lax.all_to_all(w_dec, MODEL, 0, 0, tiled=True)  # [m (D block) x F/m, D/m]
+    return rows.reshape(axes.model, f // axes.model, d_local).transpose(1, 0, 2).reshape(
+        f // axes.model, -1)
+
+
 def _dead_columns_loss(cfg, axes: Axes, kernels, columns: int, params, b_dec, xs, vals,
                        indices, dead, num_dead):
     """The AuxK loss on ``columns`` local columns holding this device's dead latents."""
@@ -96,11 +108,15 @@ def _dead_columns_loss(cfg, axes: Axes, kernels, columns: int, params, b_dec, xs
     xs_slice = jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1)
     b_dec_slice = jax.lax.dynamic_slice_in_dim(b_dec, start, d_local)
     residual = residual_slice(params, xs_slice, b_dec_slice, vals, indices)  # [B, D/m]
-    latents = jnp.nonzero(dead, size=columns, fill_value=f_local)[0]  # [n] ascending
-    is_dead = latents < f_local
-    w_enc = jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0)  # [n, D]
-    b_enc = jnp.take(params["b_enc"], latents, mode="fill", fill_value=0)  # [n]
-    w_dec = _dead_rows(axes, params["W_dec"], latents, is_dead)  # [n, D]
+    if columns == f_local:  # every column: the blocks themselves, no gathered copies
+        is_dead, w_enc, b_enc = dead, params["W_enc"], params["b_enc"]
+        w_dec = _all_rows(axes, params["W_dec"])
+    else:
+        latents = jnp.nonzero(dead, size=columns, fill_value=f_local)[0]  # [n] ascending
+        is_dead = latents < f_local
+        w_enc = jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0)  # [n, D]
+        b_enc = jnp.take(params["b_enc"], latents, mode="fill", fill_value=0)  # [n]
+        w_dec = _dead_rows(axes, params["W_dec"], latents, is_dead)  # [n, D]
     # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on the dead columns only
     x = _cast(cfg.compute_dtype, xs)
     xc = x - b_dec.astype(x.dtype)
@@ -136,7 +152,7 @@ def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
     local_dead = jnp.sum(dead)
     num_dead = axes.psum_model(local_dead)
     most = axes.pmax_model(local_dead)  # the same bucket on every device of the axis
-    buckets = column_buckets(dead.shape[0])
+    buckets = column_buckets(dead.shape[0], cfg.auxk_max_fraction)
     branches = [lambda *_: jnp.float32(0.0)] + [
         functools.partial(_dead_columns_loss, cfg, axes, kernels, n) for n in buckets]
     which = jnp.where(num_dead > 0, 1 + jnp.searchsorted(jnp.asarray(buckets), most), 0)

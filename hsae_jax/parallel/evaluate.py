@@ -75,4 +75,6 @@ def evaluate_sharded(cfg: SAEConfig, layout: Layout, params, stats, batches,
             lambda a, b: a | b if a.dtype == jnp.bool_ else a + b, totals, sums)
     if totals is None:
         raise ValueError("evaluate() needs at least one batch")
+    if true_features is not None:  # beside W_dec on the mesh (with several processes too)
+        true_features = jax.device_put(np.asarray(true_features), layout.replicated())
     return summarize(cfg, totals, n, k_eval, params["W_dec"], true_features)

@@ -14,6 +14,7 @@ from typing import Any
 
 from hsae_jax import backends
 from hsae_jax.data import SyntheticConfig, open_source
+from hsae_jax.encoder import SparseEncoderConfig
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.model import SAEConfig, setting
 from hsae_jax.parallel.mesh import MeshShape
@@ -63,6 +64,9 @@ class TrainConfig:
     param_dtype: str = setting("float32", "storage of W_enc and W_dec: float32 or bfloat16 "
                                "(bfloat16 needs --compute-dtype bfloat16)")
     adam_dtype: str = setting("float32", "storage of the Adam moments: float32 or bfloat16")
+    encoder_rows: int | None = setting(
+        None, "rows of the batch the encoder scores at once (default: all); fewer keep the "
+        "[rows, F/m] pre-activations small, with the same result")
     coordinator: str | None = setting(
         None, "several processes: HOST:PORT of process 0, or auto (SLURM, Open MPI); default "
         "$JAX_COORDINATOR_ADDRESS, else one process")
@@ -91,6 +95,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.param_dtype='bfloat16' needs "
                              "SAEConfig.compute_dtype='bfloat16' (the matmuls read the stored "
                              "weights)")
+        if self.encoder_rows is not None:
+            _check_int("encoder_rows", self.encoder_rows, 1)
         for name in ("num_processes", "process_id"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1 if name == "num_processes" else 0)
@@ -157,8 +163,12 @@ class TrainConfig:
                            block_rows=self.block_rows)
 
     def kernels(self) -> KernelSettings:
-        """The runtime settings of the ops: ``backend`` and ``deterministic``."""
-        return KernelSettings.create(self.backend, deterministic=self.deterministic)
+        """The runtime settings of the ops: ``backend``, ``deterministic``, ``encoder_rows``."""
+        settings = KernelSettings.create(self.backend, deterministic=self.deterministic)
+        if self.encoder_rows is None:
+            return settings
+        return dataclasses.replace(settings,
+                                   encoder=SparseEncoderConfig(forward_rows=self.encoder_rows))
 
 
 def parse_budgets(text: str) -> tuple[int, ...] | None:

@@ -37,7 +37,7 @@ from hsae_jax.train.step import learning_rate_schedule, make_optimizer, make_tra
 # saved on one mesh resumes on any other: checkpoints are restored into the new layout)
 RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "eval_batches", "save_every",
                      "devices", "backend", "prefetch", "mesh", "coordinator",
-                     "num_processes", "process_id"}
+                     "num_processes", "process_id", "encoder_rows"}
 
 
 def read_records(path: str, upto_step: int) -> list[dict]:

@@ -58,7 +58,8 @@ def make_optimizer(tc: TrainConfig, layout: Layout | Mesh | None = None
     if tc.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(tc.clip_norm) if axes is None else
                      sharded_optim.clip_by_global_norm(tc.clip_norm, axes))
-    parts.append(sharded_optim.adam(learning_rate_schedule(tc), tc.adam_dtype))
+    parts.append(sharded_optim.adam(learning_rate_schedule(tc), tc.adam_dtype,
+                                    tc.param_dtype))
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
 
 
