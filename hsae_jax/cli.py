@@ -1,4 +1,4 @@
-"""The ``hsae`` command line: ``train``, ``eval``, ``bench`` and ``export``."""
+"""The ``hsae`` command line: ``train``, ``eval``, ``bench``, ``export`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,11 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_setting_flags(p)
+
+
+def _add_setting_flags(p) -> None:
+    """A flag for every setting of TrainConfig (and its SAEConfig)."""
     for field, flag in _setting_fields():
         if str(field.type) == "bool":
             p.add_argument(flag, dest=field.name, action="store_true",
@@ -137,6 +142,35 @@ def _train(args) -> int:
     out = args.resume or args.out
     train(TrainConfig.from_flat(**settings), out, resume=bool(args.resume),
           progress=not args.no_progress)
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory per device of a training step (the same flags as hsae train)",
+        formatter_class=_HelpFormatter,
+        description="Estimates the bytes per device of hsae train with these settings "
+        "(hsae_jax.parallel.plan); --compile also compiles the step here, from shapes "
+        "only, and prints XLA's own figure; --table prints the README's tables.")
+    p.add_argument("--gpus", type=int, help="devices to plan for (default: the mesh's size, "
+                   "else this machine's devices)")
+    p.add_argument("--device-gb", type=float, default=141.0, help="memory of one device")
+    p.add_argument("--compile", action="store_true", help="also compile the step on this "
+                   "machine's devices and print XLA's memory analysis")
+    p.add_argument("--table", action="store_true", help="print the README's tables")
+    _add_setting_flags(p)
+
+
+def _plan(args) -> int:
+    from hsae_jax.parallel.plan import plan_report, tables_markdown
+    from hsae_jax.train import TrainConfig
+
+    if args.table:
+        print(tables_markdown(args.device_gb))
+        return 0
+    settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()}
+    print(plan_report(TrainConfig.from_flat(**settings), args.gpus,
+                      compile_step=args.compile, device_gb=args.device_gb))
     return 0
 
 
@@ -217,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_plan(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
     try:
-        commands = {"train": _train, "eval": _eval, "bench": _bench, "export": _export}
+        commands = {"train": _train, "eval": _eval, "bench": _bench, "export": _export,
+                    "plan": _plan}
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"hsae {args.command}: error: {_as_flags(str(err))}\n")
