@@ -63,9 +63,10 @@ def _compare_steps(result, prefix: str, exact_mesh: str):
 
 @pytest.mark.parametrize("backend", ["xla", "interpret"])
 def test_sharded_steps_equal_the_single_device_step(backend, tmp_path):
-    """Loss, metrics, parameters after 3 steps and the dead-latent counters, from a state
-    with dead latents spread unevenly over the blocks (AuxK in several column buckets,
-    merged across devices); and the merged top-K against top_k with exact ties."""
+    """Loss, metrics, parameters after 3 steps (2 interpreted) and the dead-latent counters,
+    from a state with dead latents spread unevenly over the blocks (AuxK in several column
+    buckets, merged across devices); and the merged top-K against top_k with exact ties
+    (also in blocks of rows)."""
     path = tmp_path / "runs.npz"
     checks = "steps,topk,memory" if backend == "xla" else "steps,topk"
     run_script("checks", backend, str(path), checks)
@@ -75,7 +76,7 @@ def test_sharded_steps_equal_the_single_device_step(backend, tmp_path):
     ref_vals, ref_idx = result["topk/reference/vals"], result["topk/reference/indices"]
     pre = result["topk/pre"]
     assert (np.sort(pre, axis=1)[:, -13:-1] == np.sort(pre, axis=1)[:, -12:]).any()  # ties
-    for mesh in ("data=1,model=8", "data=2,model=4", "data=4,model=2"):
+    for mesh in ("data=1,model=8", "data=2,model=4", "data=4,model=2", "rows=5"):
         np.testing.assert_array_equal(result[f"topk/{mesh}/vals"], ref_vals, err_msg=mesh)
         np.testing.assert_array_equal(result[f"topk/{mesh}/indices"], ref_idx, err_msg=mesh)
 
@@ -191,3 +192,40 @@ def test_mesh_settings_parse_and_check():
     with pytest.raises(ValueError, match="--param-dtype.*--compute-dtype|param_dtype"):
         TrainConfig.from_flat(param_dtype="bfloat16")
     TrainConfig.from_flat(param_dtype="bfloat16", compute_dtype="bfloat16", adam_dtype="bfloat16")
+
+
+def test_memory_plan_counts_what_each_device_holds(capsys):
+    from hsae_jax.cli import main
+    from hsae_jax.parallel.plan import GB, LOW_MEMORY, PlanSettings, memory_plan, plan_table
+
+    one = memory_plan(PlanSettings(2**20, 2304, auxk=False))
+    matrix = 2**20 * 2304 * 4  # one [F, D] float32 matrix
+    assert one["parameters"] == 2 * matrix + (2**20 + 2304) * 4
+    assert one["adam_moments"] == 2 * one["parameters"]
+    assert one["gradients"] == 2 * matrix
+    assert one["activations"] >= 4096 * 2**20 * 4
+    eight = memory_plan(PlanSettings(2**20, 2304, auxk=False, model=8))
+    assert abs(eight["parameters"] - one["parameters"] / 8) < 0.01 * one["parameters"] / 8
+    assert eight["total"] < one["total"] / 7
+    low = memory_plan(PlanSettings(2**20, 2304, auxk=False, param_dtype="bfloat16",
+                                   adam_dtype="bfloat16", compute_dtype="bfloat16"))
+    assert low["parameters"] < 0.51 * one["parameters"]
+    assert low["adam_moments"] < 0.51 * one["adam_moments"]
+    rows = {(r["d_model"], r["n_latents"]): r for r in plan_table(**LOW_MEMORY)}
+    assert rows[(2304, 2**24)][8] < 141 * GB < rows[(2304, 2**24)][4]
+    assert {(r["d_model"], r["n_latents"]): r for r in plan_table()}[(2304, 2**24)][8] > 141 * GB
+    assert main(["plan", "--table"]) == 0
+    assert "| 2304 | 2^24 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("auxk_coef", [0.0, 1 / 32])
+def test_memory_plan_is_near_what_xla_allocates(auxk_coef):
+    """The estimate against XLA's own buffer assignment for the compiled step (here the
+    xla backend on a CPU; ``hsae plan --compile`` does the same on a GPU)."""
+    from hsae_jax.parallel.plan import PlanSettings, compiled_memory, memory_plan
+
+    tc = TrainConfig.from_flat(d_model=512, n_latents=16384, k=32, batch_size=1024,
+                               backend="xla", auxk_coef=auxk_coef)
+    estimate = memory_plan(PlanSettings.from_train_config(tc, 1))["total"]
+    compiled = compiled_memory(tc, 1)["total"]
+    assert 0.7 < estimate / compiled < 1.5, (estimate, compiled)
