@@ -19,6 +19,8 @@ from hsae_jax.parallel.mesh import (
     make_mesh,
     tree_specs,
 )
+from hsae_jax.parallel.plan import PlanSettings, memory_plan, plan_report
+from hsae_jax.parallel.state import abstract_state, init_state
 from hsae_jax.parallel.step import make_sharded_step
 
 __all__ = [
@@ -29,8 +31,13 @@ __all__ = [
     "Axes",
     "Layout",
     "MeshShape",
+    "PlanSettings",
+    "abstract_state",
+    "init_state",
     "make_layout",
     "make_mesh",
     "make_sharded_step",
+    "memory_plan",
+    "plan_report",
     "tree_specs",
 ]
