@@ -19,6 +19,9 @@
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
 #   auxk-pieces  benchmarks/auxk_pieces.py (AuxK alone at several dead fractions, its pieces)
 #   soak         benchmarks/soak.py: 20k steps killed at 12345 and resumed, deterministic
+#   shard        benchmarks/shard_h200.py: the one-device sharded step against the replicated
+#                one, and the largest F that trains on one GPU (D=2304, K=64, B=4096)
+#   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
 set -uo pipefail
@@ -76,6 +79,11 @@ for step in "$@"; do
         --batch-size 4096 --backend triton --deterministic --out /tmp/hsae-soak 2>&1 \
         | tee "$OUT/soak.log"
       cp /tmp/hsae-soak/soak.json /tmp/hsae-soak/soak.png "$OUT/" ;;
+    shard) python3 benchmarks/shard_h200.py --backend triton --out "$OUT/shard_h200.json" 2>&1 \
+        | tee "$OUT/shard_h200.log" ;;
+    plan) for f in 262144 524288 1048576; do python3 -m hsae_jax.cli plan --compile \
+        --backend triton --n-latents $f --d-model 2304 --k 64 --batch-size 4096 --mesh data=1,model=1; \
+        done 2>&1 | tee "$OUT/plan.log" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"

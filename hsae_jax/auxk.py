@@ -13,7 +13,10 @@ latent as ``top_k`` breaks them), and the reconstruction a dense [B, n] x [n, D]
 of the masked activations. n is a static bucket that holds every dead latent (F/64, F/32,
 ..., F; ``lax.switch`` takes the smallest that fits), so a step costs a few matmuls over at
 most twice the dead latents' columns, instead of a second [B, F] encoder pass, a top-k
-with k = aux_k over F and a decoder walk over aux_k rows per token.
+with k = aux_k over F and a decoder walk over aux_k rows per token. With
+``auxk_max_fraction`` < 1 the largest bucket is smaller (its memory is compiled in whether
+or not latents are dead), and beyond it the lowest-numbered dead latents take part, the
+others once those have revived.
 
 Two entry points:
 - :func:`auxk_loss`: the value, differentiable (for a model's ``loss``);
@@ -42,9 +45,12 @@ BUCKET_DIVISORS = (64, 32, 16, 8, 4, 2, 1)  # column buckets F / q for the dead 
 ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # the parameters with one row per latent
 
 
-def column_buckets(n_latents: int) -> tuple[int, ...]:
-    """The static column counts a step may compute AuxK on, smallest first."""
-    return tuple(sorted({max(1, n_latents // q) for q in BUCKET_DIVISORS}))
+def column_buckets(n_latents: int, max_fraction: float = 1.0,
+                   divisors: tuple[int, ...] = BUCKET_DIVISORS) -> tuple[int, ...]:
+    """The static column counts a step may compute AuxK on, smallest first: F / q for the
+    ``divisors`` q with 1 / q <= ``max_fraction`` (at least the largest divisor's)."""
+    kept = [q for q in divisors if q * max_fraction >= 1] or [divisors[0]]
+    return tuple(sorted({max(1, n_latents // q) for q in kept}))
 
 
 def _cast(compute_dtype: str, x):
@@ -116,10 +122,11 @@ def _bucket_loss_and_grads(cfg, kernels, columns, grads, params, xs, vals, indic
     return loss, grads
 
 
-def _branch(dead, n_latents: int):
-    """0 while no latent is dead, else 1 + the index of the smallest bucket that fits."""
+def _branch(dead, cfg):
+    """(dead latents, 0 while none is dead, else 1 + the index of the smallest bucket that
+    holds them: the largest when none does, ``lax.switch`` clamping)."""
     num_dead = jnp.sum(dead)
-    buckets = jnp.asarray(column_buckets(n_latents))
+    buckets = jnp.asarray(column_buckets(cfg.n_latents, cfg.auxk_max_fraction))
     return num_dead, jnp.where(num_dead > 0, 1 + jnp.searchsorted(buckets, num_dead), 0)
 
 
@@ -131,9 +138,10 @@ def auxk_loss(cfg, params, xs, vals, indices, dead, kernels: KernelSettings) -> 
     [B, K] the main encoder's selection (its reconstruction's residual is the target, not
     differentiated). dead: [F] bool.
     """
-    num_dead, which = _branch(dead, cfg.n_latents)
+    num_dead, which = _branch(dead, cfg)
     branches = [lambda *_: jnp.float32(0.0)] + [
-        functools.partial(_bucket_loss, cfg, kernels, n) for n in column_buckets(cfg.n_latents)]
+        functools.partial(_bucket_loss, cfg, kernels, n)
+        for n in column_buckets(cfg.n_latents, cfg.auxk_max_fraction)]
     return jax.lax.switch(which, branches, params, xs, vals, indices, dead, num_dead)
 
 
@@ -145,10 +153,10 @@ def auxk_loss_and_add_grads(cfg, params, xs, vals, indices, dead, grads,
     (a dict like ``params``). Only the dead latents' rows (and b_dec) change; with no dead
     latent the gradients pass through untouched.
     """
-    num_dead, which = _branch(dead, cfg.n_latents)
+    num_dead, which = _branch(dead, cfg)
     branches = [lambda grads, *_: (jnp.float32(0.0), grads)] + [
         functools.partial(_bucket_loss_and_grads, cfg, kernels, n)
-        for n in column_buckets(cfg.n_latents)]
+        for n in column_buckets(cfg.n_latents, cfg.auxk_max_fraction)]
     return jax.lax.switch(which, branches, grads, params, xs, vals, indices, dead, num_dead)
 
 

@@ -1,4 +1,5 @@
-"""The ``hsae`` command line: ``train``, ``eval``, ``harvest``, ``export`` and ``bench``."""
+"""The ``hsae`` command line: ``train``, ``eval``, ``harvest``, ``export``, ``plan`` and
+``bench``."""
 
 from __future__ import annotations
 
@@ -144,15 +145,24 @@ def _add_train(sub) -> None:
                    "and --max-skipped-fraction")
     p.add_argument("--no-progress", action="store_true", default=False,
                    help="no progress bar")
+    _add_setting_flags(p)
+
+
+def _add_setting_flags(p, typed_only: bool = False) -> None:
+    """A flag for every setting of TrainConfig (and its SAEConfig). The parser of
+    ``hsae train`` leaves untyped flags out of its namespace (argument_default=SUPPRESS);
+    ``typed_only`` gives another parser that behaviour for these flags."""
+    extra = {"default": argparse.SUPPRESS} if typed_only else {}
     for field, flag in _setting_fields():
         help_text = field.metadata["help"]
         if "default" not in help_text and field.default not in (None, False):
             help_text += f" (default: {field.default})"
         if str(field.type) == "bool":
             p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                           help=help_text)
+                           help=help_text, **extra)
         else:
-            p.add_argument(flag, dest=field.name, type=_parser_for(field), help=help_text)
+            p.add_argument(flag, dest=field.name, type=_parser_for(field), help=help_text,
+                           **extra)
 
 
 def _train(args) -> int:
@@ -207,6 +217,36 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
     return value
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory per device of a training step (the same flags as hsae train)",
+        formatter_class=_HelpFormatter,
+        description="Estimates the bytes per device of hsae train with these settings "
+        "(hsae_jax.parallel.plan); --compile also compiles the step here, from shapes "
+        "only, and prints XLA's own figure; --table prints the README's tables.")
+    p.add_argument("--gpus", type=int, help="devices to plan for (default: the mesh's size, "
+                   "else this machine's devices)")
+    p.add_argument("--device-gb", type=float, default=141.0, help="memory of one device")
+    p.add_argument("--compile", action="store_true", help="also compile the step on this "
+                   "machine's devices and print XLA's memory analysis")
+    p.add_argument("--table", action="store_true", help="print the README's tables")
+    _add_setting_flags(p, typed_only=True)
+
+
+def _plan(args) -> int:
+    from hsae_jax.parallel.plan import plan_report, tables_markdown
+    from hsae_jax.train import TrainConfig
+
+    if args.table:
+        print(tables_markdown(args.device_gb))
+        return 0
+    settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()
+                if hasattr(args, f.name)}
+    print(plan_report(TrainConfig.from_flat(**settings), args.gpus,
+                      compile_step=args.compile, device_gb=args.device_gb))
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -319,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_harvest(sub)
     _add_bench(sub)
+    _add_plan(sub)
     _add_export(sub)
     args = parser.parse_args(argv)
     try:
         commands = {"train": _train, "eval": _eval, "harvest": _harvest, "bench": _bench,
-                    "export": _export}
+                    "export": _export, "plan": _plan}
         return commands[args.command](args)
     except Exception as err:
         status = _exit_status(err)

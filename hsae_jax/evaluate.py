@@ -53,6 +53,13 @@ def evaluate(cfg: SAEConfig, params, stats, batches: Iterable[jax.Array],
             lambda a, b: a | b if a.dtype == jnp.bool_ else a + b, totals, sums)
     if totals is None:
         raise ValueError("evaluate() needs at least one batch")
+    return summarize(cfg, totals, n, k_eval, params["W_dec"], true_features)
+
+
+def summarize(cfg: SAEConfig, totals: dict, n: int, k_eval: int, w_dec: jax.Array,
+              true_features: jax.Array | None = None) -> dict:
+    """:func:`evaluate`'s metrics from the sums over ``n`` tokens (``sse`` [k_eval],
+    ``sum_x`` [D], ``sum_x2``, ``l0``, ``fired`` [F] bool, which may be sharded)."""
     sse = np.asarray(totals["sse"], np.float64)
     mean = np.asarray(totals["sum_x"], np.float64) / n
     total_var = float(totals["sum_x2"]) - n * float(mean @ mean)
@@ -62,11 +69,12 @@ def evaluate(cfg: SAEConfig, params, stats, batches: Iterable[jax.Array],
         "fvu": fvu_per_k[min(cfg.k, k_eval) - 1],
         "mse": float(sse[min(cfg.k, k_eval) - 1] / (n * cfg.d_model)),
         "l0": float(totals["l0"]) / n,
-        "dead_fraction": float(1.0 - np.mean(np.asarray(totals["fired"]))),
+        "dead_fraction": 1.0 - int(jnp.sum(totals["fired"], dtype=jnp.int32))
+        / totals["fired"].shape[0],
         "tokens": n,
     }
     if true_features is not None:
-        metrics["mean_max_cosine"] = mean_max_cosine(params["W_dec"], true_features)
+        metrics["mean_max_cosine"] = mean_max_cosine(w_dec, true_features)
     return metrics
 
 

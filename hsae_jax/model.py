@@ -58,6 +58,8 @@ class SAEConfig:
     auxk_coef: weight of the AuxK loss on dead latents (0 turns it off).
     aux_k: latents the AuxK loss uses (None: min(D // 2, F)).
     dead_tokens: a latent that has not fired for this many tokens is dead.
+    auxk_max_fraction: AuxK computes at most this share of the latents per step (see
+      :mod:`hsae_jax.auxk`); 1: every dead latent.
     compute_dtype: ``"float32"`` or ``"bfloat16"`` for the encoder and decoder inputs
       (master weights stay float32; accumulation is float32).
     Which backend runs the ops is not part of the model: see :class:`KernelSettings`.
@@ -72,6 +74,10 @@ class SAEConfig:
     auxk_coef: float = setting(1.0 / 32.0, "weight of the AuxK loss on dead latents (0: off)")
     aux_k: int | None = setting(None, "latents used by AuxK (default: min(D/2, F))")
     dead_tokens: int = setting(1_000_000, "a latent not fired for this many tokens is dead")
+    auxk_max_fraction: float = setting(
+        1.0, "largest share of the latents (of each model shard) AuxK computes in a step: 1, "
+        "1/4, 1/16 or 1/64; below 1 it caps AuxK's memory, and when more are dead the "
+        "lowest-numbered dead latents take part")
     compute_dtype: str = setting("float32", "float32 or bfloat16 encoder/decoder inputs")
 
     def __post_init__(self):
@@ -101,6 +107,9 @@ class SAEConfig:
         if (not isinstance(self.auxk_coef, (int, float)) or isinstance(self.auxk_coef, bool)
                 or not math.isfinite(self.auxk_coef) or self.auxk_coef < 0):
             raise ValueError(f"SAEConfig.auxk_coef={self.auxk_coef} must be finite and >= 0")
+        if self.auxk_max_fraction not in (1.0, 0.25, 0.0625, 0.015625):
+            raise ValueError(f"SAEConfig.auxk_max_fraction={self.auxk_max_fraction!r} must be "
+                             "1, 0.25, 0.0625 or 0.015625")
         if self.aux_k is not None and (not isinstance(self.aux_k, int) or isinstance(
                 self.aux_k, bool) or not 1 <= self.aux_k <= INT32_MAX):
             raise ValueError(f"SAEConfig.aux_k={self.aux_k!r} must be an int in [1, {INT32_MAX}]")

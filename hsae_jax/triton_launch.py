@@ -24,6 +24,7 @@ an op whose backward runs kernels) raises an error naming the backend and sugges
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -135,6 +136,11 @@ def _torch_dtype(dtype):
     }[np.dtype(dtype)]
 
 
+# Triton's interpreter patches triton.language while a kernel runs: launches from several
+# threads at once (one per device of a CPU mesh) must take turns
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
     import torch
 
@@ -154,7 +160,8 @@ def _launch_interpreted(kernel, args, out_shape, grid, zeroed_outputs, constexpr
                 outputs.append(torch.full(spec.shape, float("nan"), dtype=dtype))
             else:
                 outputs.append(torch.full(spec.shape, -1, dtype=dtype))
-        kernel[grid](*call_args, *outputs, **constexprs)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*call_args, *outputs, **constexprs)
         return tuple(_to_numpy(o, s.dtype) for o, s in zip(outputs, out_shape, strict=True))
 
     return list(jax.pure_callback(host, tuple(out_shape), *arrays, vmap_method="sequential"))

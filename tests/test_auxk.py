@@ -117,6 +117,32 @@ def test_bf16_compute_matches_the_definition(rng_seed):
 def test_buckets_hold_any_number_of_dead_latents():
     assert column_buckets(65536) == (1024, 2048, 4096, 8192, 16384, 32768, 65536)
     assert column_buckets(3) == (1, 3)
+    assert column_buckets(65536, 0.25) == (1024, 2048, 4096, 8192, 16384)
+    assert column_buckets(65536, 0.25, (64, 16, 4, 1)) == (1024, 4096, 16384)
+    assert column_buckets(65536, 1 / 64) == (1024,)
+
+
+def test_a_capped_auxk_uses_the_lowest_numbered_dead_latents(rng_seed):
+    """auxk_max_fraction=1/4 with 40 of 64 latents dead: AuxK on the first 16 of them
+    (the scale min(n_dead / aux_k, 1) is 1 either way)."""
+    import dataclasses
+
+    cfg, params, stats, x = setup(rng_seed, aux_k=4)
+    capped = dataclasses.replace(cfg, auxk_max_fraction=0.25)
+    dead = list(range(1, 64, 3)) + list(range(2, 60, 3))[:19]
+    assert len(dead) == 40
+    first = sorted(dead)[:16]
+    xs = scale_inputs(stats, x)
+    vals, indices = encode_arrays(cfg, params, stats, x, kernels=KernelSettings("xla"))
+    kernels = KernelSettings("xla")
+    value, grads = jax.value_and_grad(lambda p: auxk_loss(
+        capped, p, xs, vals, indices, dead_mask(64, dead), kernels))(params)
+    ref, ref_grads = jax.value_and_grad(lambda p: auxk_loss_reference(
+        cfg, p, xs, vals, indices, dead_mask(64, first), kernels))(params)
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="auxk_max_fraction"):
+        SAEConfig(auxk_max_fraction=0.3)
 
 
 def test_the_training_objective_adds_auxk_only_with_dead_latents(rng_seed):

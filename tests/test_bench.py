@@ -105,3 +105,32 @@ def test_loss_floor_kernels_do_what_the_table_says():
     out, dw = calls["gather + scatter"](weight, vals)
     np.testing.assert_allclose(out, gathered, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, scattered, rtol=1e-5, atol=1e-5)
+
+
+def test_shard_benchmark_smoke(tmp_path):
+    """benchmarks/shard_h200.py at a CPU size: the one-device sharded step against the
+    replicated one, and the largest-F search (attempts in subprocesses, a fake 4.5 MB
+    device so that some fail)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shard.json"
+    proc = subprocess.run(
+        [sys.executable, str(_benchmark_path("shard_h200")), "--tiny", "--low", "1024",
+         "--high", "2048", "--max-gb", "0.0045", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    step = payload["step"]
+    assert {r["step"] for r in step["rows"]} == {"sharded", "replicated"}
+    assert step["same_first_loss"] and step["collectives_in_one_device_program"] == []
+    found = payload["largest"]
+    assert found["largest_n_latents"] == 1536 and found["first_failing"] == 2048
+    assert all(a["ok"] == (a["n_latents"] <= 1536) for a in found["attempts"])
+    assert "largest F that trains: 1536" in proc.stdout
+
+
+def _benchmark_path(name):
+    import pathlib
+
+    return pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"

@@ -15,6 +15,8 @@ from hsae_jax.segments import SegmentSumConfig
 BACKENDS = [
     pytest.param("xla", None, id="xla"),
     pytest.param("xla", SparseEncoderConfig(xla_chunk=3), id="xla-chunk3"),
+    # the forward in blocks of 5 rows (the last one padded)
+    pytest.param("xla", SparseEncoderConfig(forward_rows=5), id="xla-rows5"),
     pytest.param("interpret", None, marks=requires_interpreter, id="interpret"),
     # several D tiles and several pair steps per latent
     pytest.param("interpret", SparseEncoderConfig(SegmentSumConfig(block_pairs=2, block_d=8)),
@@ -81,6 +83,7 @@ def test_hot_latents_chosen_by_every_token(backend, config, rng_seed):
     (lambda: SparseEncoderConfig(segment_sum=SegmentSumConfig(num_warps=0)),
      "SegmentSumConfig.num_warps=0 must be an int >= 1"),
     (lambda: SparseEncoderConfig(xla_chunk=0), "SparseEncoderConfig.xla_chunk=0"),
+    (lambda: SparseEncoderConfig(forward_rows=0), "SparseEncoderConfig.forward_rows=0"),
 ])
 def test_bad_config_is_rejected_when_made(make, message):
     with pytest.raises(ValueError, match=message):

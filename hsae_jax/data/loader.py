@@ -25,6 +25,16 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 
 
+def _finite(batch) -> bool:
+    """Whether this process's shards of ``batch`` hold no NaN / inf: one small computation
+    per local device, none spanning processes (reading threads must not launch the
+    collective programs every process has to run in the same order)."""
+    shards = getattr(batch, "addressable_shards", None)
+    if shards is None:
+        return bool(_all_finite(batch))
+    return all(bool(_all_finite(shard.data)) for shard in shards)
+
+
 class Prefetcher:
     """Iterates ``(step, batch)`` for ``steps`` in order, up to ``depth`` batches ahead.
 
@@ -54,7 +64,7 @@ class Prefetcher:
     def _read(self, step: int):
         rows = self.source.host_batch(step, self.process_index, self.process_count)
         batch = self.put(rows)
-        if not bool(_all_finite(batch)):
+        if not _finite(batch):
             check = getattr(self.source, "non_finite_error", None)
             if check is None:
                 raise ValueError(f"step {step}'s batch holds NaN or inf")

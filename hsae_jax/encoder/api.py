@@ -37,7 +37,9 @@ _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 
 
 @dataclasses.dataclass(frozen=True)
-class _Encoder:
+class Encoder:
+    """The static part of one encoder call: backend, k and configs (hashable)."""
+
     backend: str  # "triton" | "interpret" | "xla"
     k: int
     topk_config: TopKConfig | None  # None on the xla backend
@@ -45,9 +47,12 @@ class _Encoder:
 
     def forward(self, x, w_enc, b_enc, b_dec):
         xc = x - b_dec.astype(x.dtype)
-        pre = jnp.dot(xc, w_enc.T.astype(x.dtype), preferred_element_type=jnp.float32)
-        pre = pre + b_enc.astype(jnp.float32)
-        values, indices = top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+
+        def select(xc_rows):
+            pre = scores(xc_rows, w_enc, b_enc)
+            return top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+
+        values, indices = by_rows(select, xc, self.config.forward_rows)
         return jax.nn.relu(values), indices, xc
 
     def weight_grad(self, indices, dpre, xc, f):
@@ -87,10 +92,38 @@ def _encode_fwd(enc, x, w_enc, b_enc, b_dec):
 def _encode_bwd(enc, saved, cotangents):
     indices, vals, xc, w_enc, b_enc, b_dec = saved
     dvals, _ = cotangents
+    return encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
+
+
+def scores(xc, w_enc, b_enc):
+    """[B, F] float32 pre-activations ``xc @ w_enc.T + b_enc`` of centred inputs xc [B, D],
+    the matmul in xc's dtype accumulating in float32."""
+    pre = jnp.dot(xc, w_enc.T.astype(xc.dtype), preferred_element_type=jnp.float32)
+    return pre + b_enc.astype(jnp.float32)
+
+
+def by_rows(select, xc, rows: int | None):
+    """``select(xc)`` ([B, D] -> arrays [B, ...]) on blocks of ``rows`` rows at a time
+    (``lax.map``; the last block padded with zero rows, dropped from the outputs), so only
+    a [rows, F] block of pre-activations exists at once; None: all rows together."""
+    b = xc.shape[0]
+    if rows is None or rows >= b:
+        return select(xc)
+    blocks = -(-b // rows)
+    padded = jnp.pad(xc, ((0, blocks * rows - b), (0, 0)))
+    out = jax.lax.map(select, padded.reshape(blocks, rows, xc.shape[1]))
+    return jax.tree.map(lambda o: o.reshape(blocks * rows, *o.shape[2:])[:b], out)
+
+
+def encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
+    """(dx, dw_enc, db_enc, db_dec) of the encoder from dvals [B, K], each in its primal's
+    dtype. ``w_enc`` [F, D] may be a block of the latents: an index outside [0, F) is a
+    latent another block holds and adds nothing here (db_dec is then this block's share)."""
     dpre = jnp.where(vals > 0, dvals, 0).astype(jnp.float32)  # ReLU
     f = w_enc.shape[0]
     dweight = enc.weight_grad(indices, dpre, xc, f)
-    db_enc = jnp.zeros((f,), jnp.float32).at[indices.reshape(-1)].add(dpre.reshape(-1))
+    db_enc = jnp.zeros((f,), jnp.float32).at[safe_indices(indices, f).reshape(-1)].add(
+        dpre.reshape(-1), mode="drop")
     db_dec = -jnp.dot(db_enc, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     # dx: XLA drops this gather unless the caller differentiates with respect to x
     dxc = weighted_row_sum(w_enc, indices, dpre, enc.config.xla_chunk,
@@ -145,14 +178,24 @@ def topk_encode(
         )
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= f:
         raise ValueError(f"k={k!r} must be an int in [1, F={f}] (w_enc.shape={(f, d)})")
+    enc = make_encoder(k, backend=backend, topk_config=topk_config, config=config)
+    if backends.resolve_backend(backend) == "reference":
+        pre = jnp.dot(x - b_dec.astype(x.dtype), w_enc.T.astype(x.dtype),
+                      preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
+        values, indices = jax.lax.top_k(pre, k)
+        return jax.nn.relu(values), indices
+    return _encode(enc, x, w_enc, b_enc, b_dec)
+
+
+def make_encoder(k: int, *, backend: Backend = "auto", topk_config: TopKConfig | None = None,
+                 config: SparseEncoderConfig | None = None) -> Encoder:
+    """The :class:`Encoder` of :func:`topk_encode`'s sparse path for these arguments,
+    resolved by :func:`hsae_jax.backends.resolve` (``"reference"`` gets the ``"xla"``
+    encoder: ``lax.top_k`` and the scatter-add backward)."""
     concrete, config = backends.resolve(backend, config, kernel_config=SparseEncoderConfig,
                                         xla_config=SparseEncoderConfig)
     _, topk_config = backends.resolve(backend, topk_config, kernel_config=TopKConfig,
                                       argument="topk_config")
     if concrete == "reference":
-        pre = jnp.dot(x - b_dec.astype(x.dtype), w_enc.T.astype(x.dtype),
-                      preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
-        values, indices = jax.lax.top_k(pre, k)
-        return jax.nn.relu(values), indices
-    enc = _Encoder(concrete, k, topk_config, config)
-    return _encode(enc, x, w_enc, b_enc, b_dec)
+        concrete, topk_config = "xla", None
+    return Encoder(concrete, k, topk_config, config)

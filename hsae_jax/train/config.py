@@ -14,8 +14,10 @@ from typing import Any
 
 from hsae_jax import backends
 from hsae_jax.data import SyntheticConfig, open_source
+from hsae_jax.encoder import SparseEncoderConfig
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.model import INT32_MAX, SAEConfig, setting
+from hsae_jax.parallel.mesh import MeshShape
 
 SAE_FIELDS = tuple(f.name for f in dataclasses.fields(SAEConfig))
 DEFAULT_WARMUP_STEPS = 100
@@ -56,10 +58,27 @@ class TrainConfig:
     eval_every: int = setting(500, "steps between evaluations (FVU at every k)")
     eval_batches: int = setting(4, "batches per evaluation")
     save_every: int = setting(500, "steps between checkpoints of the training state")
-    devices: int | None = setting(None, "data-parallel devices to use (default: all)")
+    devices: int | None = setting(None, "devices to use (default: all)")
     max_skipped_fraction: float = setting(
         0.1, "the run fails (exit status 1, files kept) when more than this fraction of its "
         "steps were skipped for a non-finite loss or gradient; it always fails when all were")
+    # meshes, memory and several processes (hsae_jax.parallel)
+    mesh: str | None = setting(
+        None, "devices per mesh axis, e.g. data=2,model=4: the batch is split over data, the "
+        "dictionary over model (default: every device on data)")
+    param_dtype: str = setting("float32", "storage of W_enc and W_dec: float32 or bfloat16 "
+                               "(bfloat16 needs --compute-dtype bfloat16)")
+    adam_dtype: str = setting("float32", "storage of the Adam moments: float32 or bfloat16")
+    encoder_rows: int | None = setting(
+        None, "rows of the batch the encoder scores at once (default: all); fewer keep the "
+        "[rows, F/m] pre-activations small, with the same result")
+    coordinator: str | None = setting(
+        None, "several processes: HOST:PORT of process 0, or auto (SLURM, Open MPI); default "
+        "$JAX_COORDINATOR_ADDRESS, else one process")
+    num_processes: int | None = setting(None, "several processes: how many "
+                                        "(default $JAX_NUM_PROCESSES)")
+    process_id: int | None = setting(None, "several processes: this one's rank "
+                                     "(default $JAX_PROCESS_ID)")
 
     def __post_init__(self):
         if not isinstance(self.sae, SAEConfig):
@@ -77,6 +96,20 @@ class TrainConfig:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.devices is not None:
             _check_int("devices", self.devices, 1, INT32_MAX)
+        MeshShape.parse(self.mesh)
+        for name in ("param_dtype", "adam_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be float32 "
+                                 "or bfloat16")
+        if self.param_dtype == "bfloat16" and self.sae.compute_dtype != "bfloat16":
+            raise ValueError("TrainConfig.param_dtype='bfloat16' needs "
+                             "SAEConfig.compute_dtype='bfloat16' (the matmuls read the stored "
+                             "weights)")
+        if self.encoder_rows is not None:
+            _check_int("encoder_rows", self.encoder_rows, 1, INT32_MAX)
+        for name in ("num_processes", "process_id"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1 if name == "num_processes" else 0)
         _check_float("decay_fraction", self.decay_fraction, 0.0, 1.0)
         _check_float("clip_norm", self.clip_norm, 0.0)
         _check_float("synthetic_active", self.synthetic_active, 0.0, inclusive=False)
@@ -151,8 +184,12 @@ class TrainConfig:
                            block_rows=self.block_rows)
 
     def kernels(self) -> KernelSettings:
-        """The runtime settings of the ops: ``backend`` and ``deterministic``."""
-        return KernelSettings.create(self.backend, deterministic=self.deterministic)
+        """The runtime settings of the ops: ``backend``, ``deterministic``, ``encoder_rows``."""
+        settings = KernelSettings.create(self.backend, deterministic=self.deterministic)
+        if self.encoder_rows is None:
+            return settings
+        return dataclasses.replace(settings,
+                                   encoder=SparseEncoderConfig(forward_rows=self.encoder_rows))
 
 
 def parse_budgets(text: str) -> tuple[int, ...] | None:

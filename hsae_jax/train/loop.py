@@ -20,15 +20,19 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 
 from hsae_jax.data import eval_batches
 from hsae_jax.data.loader import Prefetcher
-from hsae_jax.evaluate import evaluate
 from hsae_jax.io_utils import atomic_write, atomic_write_json
-from hsae_jax.model import finite_rows, init_arrays, save_model_files
+from hsae_jax.model import finite_rows, save_model_files
+from hsae_jax.parallel import MeshShape, distributed, make_layout
+from hsae_jax.parallel.evaluate import evaluate_sharded
+from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
 from hsae_jax.train.checkpoint import Checkpointer
 from hsae_jax.train.config import TrainConfig
@@ -43,11 +47,9 @@ from hsae_jax.train.run_dir import (
 )
 from hsae_jax.train.step import (
     learning_rate_schedule,
-    make_mesh,
     make_optimizer,
     make_train_step,
-    replicate,
-    shard_batch,
+    takes_replicated_step,
 )
 
 __all__ = ["RESUMABLE_CHANGES", "read_records", "resume", "train"]
@@ -140,19 +142,16 @@ class _Records:
 
 
 def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl: str,
-                     resume: bool, out_dir: str, log) -> tuple[dict, int]:
-    """(state, first step): a fresh state, or the one in the newest checkpoint that
-    restores (newer ones that do not are named, skipped and set aside)."""
-
-    def fresh_state(sample):
-        params, stats = init_arrays(cfg, jax.random.key(tc.seed), sample)
-        return {"params": params, "stats": stats, "opt_state": tx.init(params)}
-
+                     resume: bool, out_dir: str, log, layout) -> tuple[dict, int]:
+    """(state, first step) laid out on ``layout``'s mesh: a fresh state, or the one in the
+    newest checkpoint that restores (newer ones that do not are named, skipped and set
+    aside), whatever mesh it was saved from."""
     if resume:
         # the settings first: a checkpoint of other shapes would not restore anyway
         _, meta, _ = ckpt.newest_meta()
         check_resume_settings(meta["train_config"], tc, 0)
-        abstract = jax.eval_shape(fresh_state, source.batch(0))  # shapes only: no allocation
+        # shapes and this mesh's shardings only: each device reads its own blocks
+        abstract = abstract_state(layout, cfg, tx, tc.param_dtype)
         state, meta, start, skipped = ckpt.restore_newest(abstract)
         check_resume_settings(meta["train_config"], tc, start)
         for step, why in skipped:
@@ -169,7 +168,7 @@ def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl
         log(f"input scale and b_dec from {used} of the first batch's {sample.shape[0]} rows "
             "(rows with NaN or inf left out)")
     _write_records(jsonl, [])
-    return fresh_state(sample), 0
+    return init_state(layout, cfg, tx, tc.seed, sample, tc.param_dtype), 0
 
 
 def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
@@ -187,9 +186,12 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     finite.
     """
     tc = resolve_paths(tc)
+    distributed.initialize(tc.coordinator, tc.num_processes, tc.process_id)
     source = source or tc.open_source()
+    if not distributed.is_primary():  # trains, but process 0 owns the folder and its files
+        return _train(tc, out_dir, resume, source, False, lambda *_: None, primary=False)
     with RunFolder.claim(out_dir, resume=resume):
-        return _train(tc, out_dir, resume, source, progress, log)
+        return _train(tc, out_dir, resume, source, progress, log, primary=True)
 
 
 def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
@@ -205,33 +207,41 @@ def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
     return train(tc, run_dir, resume=True, source=source, progress=progress, log=log)
 
 
-def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, log) -> dict:
-    """:func:`train`'s body, run with ``out_dir`` claimed."""
+def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, log, *,
+           primary: bool) -> dict:
+    """:func:`train`'s body, run with ``out_dir`` claimed (by process 0)."""
     cfg = dataclasses.replace(tc.sae, d_model=source.d_model)
     kernels = tc.kernels()
-    tx = make_optimizer(tc)
-    mesh = make_mesh(tc.devices)
+    layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
+    layout.check(cfg, tc.batch_size)
+    tx = make_optimizer(tc, layout)
     ckpt = Checkpointer(out_dir)
-    jsonl = os.path.join(out_dir, "metrics.jsonl")
+    # other processes keep their records in a scratch folder: the run folder's are process 0's
+    scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
+    jsonl = os.path.join(scratch or out_dir, "metrics.jsonl")
     try:
-        state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log)
+        state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log,
+                                        layout)
     except BaseException:
         ckpt.close()
         raise
-    state = {name: replicate(value, mesh) for name, value in state.items()}
     held_out = eval_batches(source, tc.eval_batches)
     true_features = getattr(source, "features", None)
     log(f"training {cfg.objective} SAE D={cfg.d_model} F={cfg.n_latents} K={cfg.k} on "
         f"{source.describe()}; batch {tc.batch_size} x {tc.steps} steps on "
-        f"{mesh.devices.size} device(s), backend {kernels.backend}")
+        f"{layout.describe()}, backend {kernels.backend}")
 
     def evaluate_state(params, stats):
-        return evaluate(cfg, params, stats, held_out, true_features, kernels=kernels)
+        return evaluate_sharded(cfg, layout, params, stats, held_out, true_features,
+                                kernels=kernels)
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
-    step_fn = make_train_step(cfg, tx, mesh, kernels)
-    batches = Prefetcher(source, range(start, tc.steps), lambda x: shard_batch(x, mesh),
-                         depth=tc.prefetch)
+    step_fn = make_train_step(cfg, tx, layout, kernels, replicated=takes_replicated_step(tc,
+                                                                                     layout))
+    share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
+    batches = Prefetcher(source, range(start, tc.steps),
+                         lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
+                         process_index=share, process_count=shares)
     try:
         for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
@@ -251,7 +261,15 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
         batches.close()
         records.close()
         ckpt.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     last_eval = records.last_eval or evaluate_state(state["params"], state["stats"])
+    # with several processes the blocks are gathered (every process takes part)
+    state = {**state, "params": host_arrays(state["params"]),
+             "stats": host_arrays(state["stats"])}
+    if not primary:
+        return {**last_eval, "steps": tc.steps,
+                "skipped_steps": int(state["opt_state"].total_notfinite)}
     return _finish(tc, cfg, state, last_eval, source, out_dir, jsonl, log)
 
 

@@ -29,7 +29,8 @@ CHECKPOINTS = "checkpoints"
 # settings a resumed run may change; every other one must match the checkpoint's
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "eval_batches", "save_every",
                                "devices", "backend", "deterministic", "max_skipped_fraction",
-                               "prefetch"})
+                               "prefetch", "mesh", "coordinator", "num_processes",
+                               "process_id", "encoder_rows"})
 
 
 class RunError(RuntimeError):

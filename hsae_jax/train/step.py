@@ -1,4 +1,17 @@
-"""The optimizer and the jit-compiled, data-parallel training step."""
+"""The optimizer and the jit-compiled training step (on a (data, model) mesh).
+
+Two steps compute the same update:
+
+- :func:`make_replicated_step`: every device holds every array whole and its share of the
+  batch (data parallelism); AuxK adds its gradient in place to the dead latents' rows
+  (:func:`hsae_jax.model.sae_loss_and_grads`). The step measured on the H200
+  (benchmarks/NOTES.md); the trainer takes it while nothing is split over ``model``.
+- :func:`hsae_jax.parallel.make_sharded_step`: the dictionary split over ``model``
+  (W_enc / b_enc by latents, W_dec by D), on any mesh; the trainer takes it when
+  ``--mesh`` puts devices on ``model`` (or for bfloat16 storage / encoder row blocks).
+
+:func:`make_train_step` picks one.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +29,15 @@ from hsae_jax.model import (
     project_decoder_grad,
     sae_loss_and_grads,
 )
+from hsae_jax.parallel import Layout, make_sharded_step
+from hsae_jax.parallel import optim as sharded_optim
+from hsae_jax.parallel.step import MAX_TOKENS_SINCE_FIRED
 from hsae_jax.train.config import TrainConfig
 
 AXIS = "data"
-MAX_TOKENS_SINCE_FIRED = 2**30  # saturate instead of overflowing int32
+__all__ = ["MAX_TOKENS_SINCE_FIRED", "apply_gradients", "learning_rate_schedule", "make_mesh",
+           "make_optimizer", "make_replicated_step", "make_train_step", "replicate",
+           "shard_batch", "takes_replicated_step"]
 
 
 def learning_rate_schedule(tc: TrainConfig):
@@ -37,14 +55,52 @@ def learning_rate_schedule(tc: TrainConfig):
     return schedule
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """clip -> Adam(schedule), skipping (and counting) any update with a non-finite gradient."""
-    parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
-    parts.append(optax.adam(learning_rate_schedule(tc)))
+def make_optimizer(tc: TrainConfig, layout: Layout | Mesh | None = None
+                   ) -> optax.GradientTransformation:
+    """clip -> Adam(schedule), skipping (and counting) any update with a non-finite gradient.
+
+    ``layout``: the mesh the step runs on; with the dictionary split over ``model`` the
+    clip takes the norm over the whole mesh (a step on such a mesh needs this). Adam's
+    moments are ``tc.adam_dtype``.
+    """
+    axes = _layout(layout).axes if layout is not None else None
+    parts = []
+    if tc.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(tc.clip_norm) if axes is None else
+                     sharded_optim.clip_by_global_norm(tc.clip_norm, axes))
+    parts.append(sharded_optim.adam(learning_rate_schedule(tc), tc.adam_dtype,
+                                    tc.param_dtype))
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
 
 
+def _layout(mesh_or_layout) -> Layout:
+    return mesh_or_layout if isinstance(mesh_or_layout, Layout) else Layout(mesh_or_layout)
+
+
+def takes_replicated_step(tc: TrainConfig, mesh: Layout | Mesh) -> bool:
+    """Whether the trainer runs :func:`make_replicated_step` for ``tc`` on ``mesh``: with
+    nothing split over ``model``, float32 storage and no encoder row blocks (the step
+    measured on the H200), until the sharded step is measured there too."""
+    return (_layout(mesh).axes.model == 1 and tc.param_dtype == "float32"
+            and tc.adam_dtype == "float32" and tc.encoder_rows is None)
+
+
+def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Layout | Mesh,
+                    kernels: KernelSettings = DEFAULT_KERNELS, *, replicated: bool = False):
+    """``jit(shard_map(step))`` on ``mesh`` (a :class:`Layout`, a ("data", "model") mesh or
+    a 1-D "data" mesh): :func:`make_replicated_step` with ``replicated`` (needs nothing on
+    ``model``), else :func:`hsae_jax.parallel.make_sharded_step`."""
+    layout = _layout(mesh)
+    if replicated:
+        if layout.axes.model != 1:
+            raise ValueError("the replicated step needs a mesh with model=1, got "
+                             f"{layout.describe()}")
+        return make_replicated_step(cfg, tx, layout.mesh, kernels)
+    return make_sharded_step(cfg, tx, layout, kernels)
+
+
 def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh of the first ``devices`` devices (default: all)."""
     available = jax.devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
@@ -63,12 +119,15 @@ def shard_batch(x, mesh: Mesh):
     return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
 
 
+# ------------------------------------------------- the replicated step (the reference)
+
+
 def _global_norm(tree):
     return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
 
 
 def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, loss):
-    """The step after the gradients: (params, opt_state, grad_norm).
+    """The step after the gradients, every array whole: (params, opt_state, grad_norm).
 
     The W_dec gradient's component along each row is removed, clip + Adam run (an update
     is skipped when ``loss`` or any gradient is not finite), and W_dec rows are
@@ -84,14 +143,14 @@ def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads, 
     return params, opt_state, _global_norm(grads)
 
 
-def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    kernels: KernelSettings = DEFAULT_KERNELS):
-    """jit(shard_map(step)): params, stats, opt_state replicated; the batch split on ``data``.
-
-    One step: loss and gradients on each device's rows, gradients averaged over
-    devices, :func:`apply_gradients`, dead-latent counters advanced. A step whose loss
-    or gradient is not finite changes nothing but the skip counter.
-    """
+def make_replicated_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                         kernels: KernelSettings = DEFAULT_KERNELS):
+    """The data-parallel step: params, stats and opt_state whole on every device of
+    ``mesh`` (a "data" axis, and a "model" axis of size 1 if any), the batch split over
+    "data", :func:`hsae_jax.model.sae_loss_and_grads` on each device's rows, gradients
+    averaged, :func:`apply_gradients`, dead-latent counters advanced. A step whose loss or
+    gradient is not finite changes nothing but the skip counter. Also the baseline
+    ``benchmarks/shard_h200.py`` times the sharded step against."""
 
     def local_step(params, stats, opt_state, x):
         (loss, aux), grads = sae_loss_and_grads(cfg, params, stats, x, kernels)

@@ -1,0 +1,76 @@
+"""Collectives of the sharded step with the gradients they need, and the top-k merge.
+
+Inside ``shard_map`` (with replication checks off) JAX transposes ``psum`` into another
+``psum``, which is wrong for a value every device of the axis already holds whole. The
+step never differentiates through a bare ``psum``; it uses the two Megatron-style pairs:
+
+- :func:`grad_psum`: identity forward, ``psum`` of the cotangent backward. Marks a value
+  that every device of the ``model`` axis uses for its own share of the work (``b_dec``,
+  the selected latents' values), so its gradient is the sum of the shares.
+- :func:`sum_over`: ``psum`` forward, identity backward: a loss made of per-device parts.
+
+:func:`merge_top_k` is the distributed top-k: each device of the axis holds its top k
+candidates (values and global indices); the global top k is the top k of the m·k
+candidates per token, which an all-gather of [B, m·k] brings together (never [B, F]).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hsae_jax.parallel.mesh import MODEL
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def grad_psum(x, size: int):
+    """``x`` unchanged; its gradient is summed over the ``model`` axis (of ``size``)."""
+    return x
+
+
+def _grad_psum_fwd(x, size):
+    return x, None
+
+
+def _grad_psum_bwd(size, _, g):
+    return (g if size == 1 else jax.lax.psum(g, MODEL),)
+
+
+grad_psum.defvjp(_grad_psum_fwd, _grad_psum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sum_over(x, size: int):
+    """The sum of ``x`` over the ``model`` axis (of ``size``); each device's ``x`` gets the
+    cotangent of the sum unchanged."""
+    return x if size == 1 else jax.lax.psum(x, MODEL)
+
+
+def _sum_over_fwd(x, size):
+    return sum_over(x, size), None
+
+
+def _sum_over_bwd(size, _, g):
+    return (g,)
+
+
+sum_over.defvjp(_sum_over_fwd, _sum_over_bwd)
+
+
+def merge_top_k(values: jax.Array, indices: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The top ``k`` over the ``model`` axis of each device's candidates (not differentiated).
+
+    values: [B, c] this device's candidates; indices: [B, c] their global indices. Among
+    equal values the candidate of the lower global index must come first in each device's
+    list (``top_k``'s order, or columns in index order), and devices along ``model`` must
+    hold increasing index ranges: then the merged list keeps ``top_k``'s tie rule, since
+    ``lax.top_k`` prefers the lower position among equal values. Returns (values [B, k],
+    indices [B, k]), the same on every device of the axis.
+    """
+    values = jax.lax.stop_gradient(values)
+    every_value = jax.lax.all_gather(values, MODEL, axis=1, tiled=True)  # [B, m * c]
+    every_index = jax.lax.all_gather(indices, MODEL, axis=1, tiled=True)
+    top, position = jax.lax.top_k(every_value, k)
+    return top, jnp.take_along_axis(every_index, position, axis=1)

@@ -1,0 +1,98 @@
+"""The training objective on one device's blocks: :func:`hsae_jax.model.sae_loss`, sharded.
+
+Inside ``shard_map`` each device holds its rows of the batch (split over ``data``) and
+its blocks of the parameters (:mod:`hsae_jax.parallel.mesh`). The encoder merges the
+global top K (:mod:`hsae_jax.parallel.encoder`). The decoder loss is a sum over D of
+squared errors, so the fused loss kernel runs unchanged on each device's D slice
+(``W_dec[:, D/m]``, ``b_dec`` and the inputs' same columns): its loss is the slice's
+share, and the per-prefix sums add up over ``model`` (:func:`sum_over`). The selected
+values feed every slice, so their gradient is summed (:func:`grad_psum`) before the
+encoder's backward; ``dW_dec`` stays local. ``b_dec`` is used whole by the encoder and by
+slices in the decoder, so its gradient is the sum of the devices' shares. AuxK is
+:mod:`hsae_jax.parallel.auxk`. With a mesh of one device every collective drops out and
+the computation is ``sae_loss``'s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hsae_jax.encoder.api import make_encoder
+from hsae_jax.kernel_settings import KernelSettings
+from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
+from hsae_jax.model import SAEConfig, fired_latents, scale_inputs
+from hsae_jax.parallel.auxk import sharded_auxk_loss
+from hsae_jax.parallel.collectives import grad_psum, sum_over
+from hsae_jax.parallel.encoder import sharded_topk_encode
+from hsae_jax.parallel.mesh import Axes
+from hsae_jax.sparse_rows import safe_indices
+
+
+def _cast(cfg: SAEConfig, x):
+    return x.astype(jnp.bfloat16) if cfg.compute_dtype == "bfloat16" else x
+
+
+def encode_local(cfg: SAEConfig, axes: Axes, params, stats, x, kernels: KernelSettings,
+                 k: int | None = None, b_dec=None):
+    """(vals, indices) [B, k] of raw activations x [B, D]: the global top k, merged over
+    ``model`` (``b_dec``: the one to differentiate, default ``params["b_dec"]``)."""
+    xs = scale_inputs(stats, x)
+    enc = make_encoder(cfg.k if k is None else k, backend=kernels.backend,
+                       topk_config=kernels.topk, config=kernels.encoder)
+    return sharded_topk_encode(enc, axes, _cast(cfg, xs), _cast(cfg, params["W_enc"]),
+                               params["b_enc"], params["b_dec"] if b_dec is None else b_dec)
+
+
+def d_slice(axes: Axes, x, axis: int = -1):
+    """This device's block of ``x`` along D (all of it with model = 1)."""
+    if axes.model == 1:
+        return x
+    size = x.shape[axis] // axes.model
+    return jax.lax.dynamic_slice_in_dim(x, axes.model_index() * size, size, axis=axis)
+
+
+def local_fired(axes: Axes, indices, vals, f_local: int) -> jax.Array:
+    """[F/m] bool: which of this device's latents have a positive value for some token."""
+    if axes.model == 1:
+        return fired_latents(indices, vals, f_local)
+    local = safe_indices(indices - axes.model_index() * f_local, f_local)
+    return jnp.zeros((f_local,), jnp.bool_).at[local.reshape(-1)].max(
+        vals.reshape(-1) > 0, mode="drop")
+
+
+def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
+                     kernels: KernelSettings):
+    """(loss, aux) of this device's rows x [B/d, D], like :func:`hsae_jax.model.sae_loss`.
+
+    The loss is the same on every device of ``model`` and its mean over ``data`` is the
+    global batch's; so is the mean of every gradient over ``data`` (``b_dec``'s included:
+    its per-device shares are summed over ``model`` here). aux: recon_loss, auxk_loss, l0,
+    fired [F/m] (this device's latents), num_dead (global).
+    """
+    b_dec = grad_psum(params["b_dec"], axes.model)
+    xs = scale_inputs(stats, x)
+    vals, indices = encode_local(cfg, axes, params, stats, x, kernels, b_dec=b_dec)
+    loss_kw = dict(backend=kernels.backend, config=kernels.loss)
+    w_dec = _cast(cfg, params["W_dec"])  # [F, D/m]
+    slice_args = (indices, w_dec, grad_psum(vals, axes.model), d_slice(axes, b_dec),
+                  d_slice(axes, xs))
+    if cfg.objective == "topk":
+        recon_loss = topk_sae_loss(*slice_args, **loss_kw)
+    else:
+        recon_loss = hierarchical_sae_loss(*slice_args, prefix_weights=cfg.prefix_weights(),
+                                           **loss_kw)
+    if axes.model > 1:  # each slice's loss is its mean over B x D/m
+        recon_loss = sum_over(recon_loss, axes.model) / axes.model
+    dead = stats["tokens_since_fired"] >= cfg.dead_tokens
+    auxk = jnp.float32(0.0)
+    if cfg.auxk_coef > 0:
+        auxk = sharded_auxk_loss(cfg, axes, params, b_dec, xs, vals, indices, dead, kernels)
+    aux = {
+        "recon_loss": recon_loss,
+        "auxk_loss": auxk,
+        "l0": jnp.mean(jnp.sum(vals > 0, axis=1).astype(jnp.float32)),
+        "fired": local_fired(axes, indices, vals, dead.shape[0]),
+        "num_dead": axes.psum_model(jnp.sum(dead)),
+    }
+    return recon_loss + cfg.auxk_coef * auxk, aux

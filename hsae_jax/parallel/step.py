@@ -1,0 +1,75 @@
+"""The jit-compiled training step on a (data, model) mesh: ``jit(shard_map(local_step))``.
+
+The state (params, stats, optimizer state) is sharded as :mod:`hsae_jax.parallel.mesh`
+says and donated; the batch is split over ``data``. One step on each device: the loss
+and gradients of its rows on its blocks (:func:`sharded_sae_loss`), gradients averaged
+over ``data``, :func:`~hsae_jax.parallel.optim.apply_gradients`, and its latents'
+dead-latent counters advanced. No device ever holds a whole [F, D] matrix, and on a
+one-device mesh the program holds no collective (every one is left out on an axis of
+size 1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
+from hsae_jax.model import SAEConfig
+from hsae_jax.parallel.loss import sharded_sae_loss
+from hsae_jax.parallel.mesh import DATA, Layout, tree_specs
+from hsae_jax.parallel.optim import apply_gradients
+
+MAX_TOKENS_SINCE_FIRED = 2**30  # saturate instead of overflowing int32
+
+
+def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: Layout,
+                      kernels: KernelSettings = DEFAULT_KERNELS):
+    """``step(params, stats, opt_state, x) -> (params, stats, opt_state, metrics)``.
+
+    ``tx`` clips with the norm over the mesh (``make_optimizer(tc, layout)``). A step whose
+    loss or gradient is not finite changes nothing but the skip counter. metrics: loss,
+    recon_loss, auxk_loss, l0 (means over the global batch), dead_fraction, grad_norm,
+    skipped_steps.
+    """
+    layout.check(cfg)
+    axes = layout.axes
+
+    def local_step(params, stats, opt_state, x):
+        grad_fn = jax.value_and_grad(
+            functools.partial(sharded_sae_loss, cfg, axes, kernels=kernels), has_aux=True)
+        (loss, aux), grads = grad_fn(params, stats, x)
+        grads = axes.pmean_data(grads)
+        loss = axes.pmean_data(loss)
+        params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads, loss)
+        finite = opt_state.last_finite
+
+        tokens = x.shape[0] * axes.data
+        fired = axes.psum_data(aux["fired"].astype(jnp.int32)) > 0
+        since = jnp.where(fired, 0, jnp.minimum(stats["tokens_since_fired"] + tokens,
+                                                 MAX_TOKENS_SINCE_FIRED))
+        stats = {**stats, "tokens_since_fired": jnp.where(finite, since,
+                                                          stats["tokens_since_fired"])}
+        dead = axes.psum_model(jnp.sum(stats["tokens_since_fired"] >= cfg.dead_tokens))
+        metrics = {
+            "loss": loss,
+            "recon_loss": axes.pmean_data(aux["recon_loss"]),
+            "auxk_loss": axes.pmean_data(aux["auxk_loss"]),
+            "l0": axes.pmean_data(aux["l0"]),
+            "dead_fraction": dead.astype(jnp.float32) / cfg.n_latents,
+            "grad_norm": grad_norm,
+            "skipped_steps": opt_state.total_notfinite,
+        }
+        return params, stats, opt_state, metrics
+
+    def step(params, stats, opt_state, x):
+        specs = tree_specs((params, stats, opt_state))
+        sharded = jax.shard_map(local_step, mesh=layout.mesh, in_specs=(*specs, P(DATA)),
+                                out_specs=(*specs, P()), check_vma=False)
+        return sharded(params, stats, opt_state, x)
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))

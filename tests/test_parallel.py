@@ -1,0 +1,231 @@
+"""The sharded step (hsae_jax.parallel): on meshes (1,1), (8,1), (2,4), (1,8) it equals the
+single-device step; the merged top-K equals top_k; checkpoints move between meshes; two
+processes equal one; memory per device falls as 1/m; no collective on one device.
+
+Multi-device runs happen in subprocesses (tests/mesh_runs.py) with 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from hsae_jax import HierarchicalTopKSAE
+from hsae_jax.parallel import Layout, MeshShape, make_layout
+from hsae_jax.train import TrainConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESHES = ("data=1,model=1", "data=8,model=1", "data=2,model=4", "data=1,model=8")
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+
+
+# quicker CPU compiles (the programs are tiny; compiling them is most of these tests' time)
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def cpu_env(devices: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_script(*args, devices: int = 8, timeout: int = 600):
+    env = cpu_env(devices)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_runs.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def _compare_steps(result, prefix: str):
+    """Every mesh against the replicated step at float32 tolerance (the replicated step adds
+    AuxK's gradients in place to the dead rows, the sharded one differentiates AuxK: the
+    same sums in other orders)."""
+    ref = {k.split("/", 2)[2]: result[k] for k in result if k.startswith(f"{prefix}/reference/")}
+    assert ref["metric/auxk_loss"].min() > 0  # dead latents: AuxK ran in every step
+    for mesh in MESHES:
+        got = {k.split("/", 2)[2]: result[k] for k in result if k.startswith(f"{prefix}/{mesh}/")}
+        assert set(got) == set(ref), mesh
+        np.testing.assert_array_equal(got["tokens_since_fired"], ref["tokens_since_fired"],
+                                      err_msg=mesh)
+        np.testing.assert_array_equal(got["metric/skipped_steps"], ref["metric/skipped_steps"])
+        np.testing.assert_array_equal(got["metric/dead_fraction"], ref["metric/dead_fraction"])
+        chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_sharded_steps_equal_the_single_device_step(backend, tmp_path):
+    """Loss, metrics, parameters after 3 steps (2 interpreted) and the dead-latent counters,
+    from a state with dead latents spread unevenly over the blocks (AuxK in several column
+    buckets, merged across devices); and the merged top-K against top_k with exact ties
+    (also in blocks of rows)."""
+    path = tmp_path / "runs.npz"
+    checks = "steps,topk,memory" if backend == "xla" else "steps,topk"
+    run_script("checks", backend, str(path), checks)
+    result = dict(np.load(path))
+    _compare_steps(result, "steps")
+
+    ref_vals, ref_idx = result["topk/reference/vals"], result["topk/reference/indices"]
+    pre = result["topk/pre"]
+    assert (np.sort(pre, axis=1)[:, -13:-1] == np.sort(pre, axis=1)[:, -12:]).any()  # ties
+    for mesh in ("data=1,model=8", "data=2,model=4", "data=4,model=2", "rows=5"):
+        np.testing.assert_array_equal(result[f"topk/{mesh}/vals"], ref_vals, err_msg=mesh)
+        np.testing.assert_array_equal(result[f"topk/{mesh}/indices"], ref_idx, err_msg=mesh)
+
+    if backend == "xla":
+        _check_memory({k[len("memory/"):]: result[k] for k in result if k.startswith("memory/")})
+
+
+def _check_memory(memory):
+    """F=8192, D=256: params + Adam moments are 6 [F, D] float32 matrices (48 MiB); on
+    model=m each device holds 1/m of them, and its temporaries fall with m too."""
+    matrices = 6 * 8192 * 256 * 4
+    for m in (1, 2, 8):
+        replicated = memory[f"{m}/argument"] - matrices / m
+        assert 0 <= replicated < 0.01 * matrices, (m, memory[f"{m}/argument"])
+    for m in (2, 8):
+        assert memory[f"{m}/temp"] < 1.25 * memory["1/temp"] / m, (m, memory[f"{m}/temp"])
+    hlo = str(memory["hlo_one_device"])
+    assert not [op for op in COLLECTIVES if op in hlo]
+
+
+def test_checkpoints_move_between_meshes(tmp_path):
+    """Saved on (2,4); restored bit-exact on (1,1) and (8,1); resumed there, the run ends
+    bit-identical to the restored state stepped on the new mesh; the saved model loads and
+    exports like any other run."""
+    run_script("reshard", str(tmp_path))
+    result = dict(np.load(tmp_path / "reshard.npz"))
+    saved = {k.split("/", 2)[2]: v for k, v in result.items()
+             if k.startswith("data=2,model=4/restored/")}
+    assert len(saved) == 6
+    for mesh in ("data=1,model=1", "data=8,model=1"):
+        for name, value in saved.items():
+            np.testing.assert_array_equal(result[f"{mesh}/restored/{name}"], value)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            np.testing.assert_array_equal(result[f"{mesh}/resumed/{name}"],
+                                          result[f"{mesh}/stepped/{name}"], err_msg=mesh)
+        loaded = HierarchicalTopKSAE.load(str(tmp_path / mesh.replace(",", "_").replace("=", "")))
+        for name, value in loaded.params().items():
+            np.testing.assert_array_equal(np.asarray(value), result[f"{mesh}/resumed/{name}"])
+
+    from hsae_jax.interop import export_run
+
+    export_run(str(tmp_path / "saved"), str(tmp_path / "export"), format="saelens", k=2)
+    assert (tmp_path / "export" / "sae_weights.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed on 127.0.0.1 with CPU collectives: 2 processes x 2 devices on mesh
+    (2, 2), each reading its half of every batch from a .npy file, end with the parameters
+    of one process on 4 devices; the run folder's records are written once."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", rng.normal(size=(1024, 16)).astype(np.float32))
+    settings = dict(d_model=16, n_latents=64, k=4, batch_size=32, steps=6, save_every=3,
+                    eval_every=6, log_every=3, eval_batches=1, warmup_steps=2, dead_tokens=64,
+                    data=str(tmp_path / "acts.npy"), mesh="data=2,model=2")
+    port = _free_port()
+    env = cpu_env(2)
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "mesh_runs.py"), "train", str(tmp_path / "two"),
+         json.dumps({**settings, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                     "process_id": i})], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert "training hierarchical SAE" in logs[0] and "training" not in logs[1]
+    run_script("train", str(tmp_path / "one"), json.dumps(settings), devices=4)
+    two = HierarchicalTopKSAE.load(str(tmp_path / "two")).params()
+    one = HierarchicalTopKSAE.load(str(tmp_path / "one")).params()
+    chex.assert_trees_all_close(two, one, rtol=1e-6, atol=1e-7)
+    records = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().split("\n")
+               if x]
+    assert [r["step"] for r in records if "loss" in r] == [3, 6]
+
+
+# ------------------------------------------------------------------ in this process
+
+
+def test_mesh_settings_parse_and_check():
+    from hsae_jax.model import SAEConfig
+    from hsae_jax.parallel import Axes
+    from hsae_jax.parallel.mesh import check_fits
+
+    assert MeshShape.parse("data=2,model=4") == MeshShape(2, 4)
+    assert MeshShape.parse("model=8").resolve(8) == (1, 8)
+    assert MeshShape.parse(None).resolve(4) == (4, 1)
+    for bad in ("data=2;model=4", "model=0", "tensor=2", "model=2,model=2"):
+        with pytest.raises(ValueError, match="mesh"):
+            MeshShape.parse(bad)
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        MeshShape(2, 4).resolve(4)
+    with pytest.raises(ValueError, match="mesh"):
+        TrainConfig.from_flat(mesh="model=two")
+    axes = Axes(data=2, model=4)
+    check_fits(axes, SAEConfig(d_model=16, n_latents=64, k=32), 8)  # K may exceed F/m
+    with pytest.raises(ValueError, match="--n-latents=66 must be a multiple"):
+        check_fits(axes, SAEConfig(d_model=16, n_latents=66, k=4))
+    with pytest.raises(ValueError, match="--d-model=18 must be a multiple"):
+        check_fits(axes, SAEConfig(d_model=18, n_latents=64, k=4))
+    with pytest.raises(ValueError, match="--batch-size=7 must be a multiple"):
+        check_fits(axes, SAEConfig(d_model=16, n_latents=64, k=4), 7)
+    layout = make_layout()
+    assert (layout.axes.data, layout.axes.model) == (jax.device_count(), 1)
+    assert isinstance(Layout(layout.mesh), Layout)
+    with pytest.raises(ValueError, match="--param-dtype.*--compute-dtype|param_dtype"):
+        TrainConfig.from_flat(param_dtype="bfloat16")
+    TrainConfig.from_flat(param_dtype="bfloat16", compute_dtype="bfloat16", adam_dtype="bfloat16")
+
+
+def test_memory_plan_counts_what_each_device_holds(capsys):
+    from hsae_jax.cli import main
+    from hsae_jax.parallel.plan import GB, LOW_MEMORY, PlanSettings, memory_plan, plan_table
+
+    one = memory_plan(PlanSettings(2**20, 2304, auxk=False))
+    matrix = 2**20 * 2304 * 4  # one [F, D] float32 matrix
+    assert one["parameters"] == 2 * matrix + (2**20 + 2304) * 4
+    assert one["adam_moments"] == 2 * one["parameters"]
+    assert one["gradients"] == 2 * matrix
+    assert one["activations"] >= 4096 * 2**20 * 4
+    eight = memory_plan(PlanSettings(2**20, 2304, auxk=False, model=8))
+    assert abs(eight["parameters"] - one["parameters"] / 8) < 0.01 * one["parameters"] / 8
+    assert eight["total"] < one["total"] / 7
+    low = memory_plan(PlanSettings(2**20, 2304, auxk=False, param_dtype="bfloat16",
+                                   adam_dtype="bfloat16", compute_dtype="bfloat16"))
+    assert low["parameters"] < 0.51 * one["parameters"]
+    assert low["adam_moments"] < 0.51 * one["adam_moments"]
+    rows = {(r["d_model"], r["n_latents"]): r for r in plan_table(**LOW_MEMORY)}
+    assert rows[(2304, 2**24)][8] < 141 * GB < rows[(2304, 2**24)][4]
+    assert {(r["d_model"], r["n_latents"]): r for r in plan_table()}[(2304, 2**24)][8] > 141 * GB
+    assert main(["plan", "--table"]) == 0
+    assert "| 2304 | 2^24 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("auxk_coef", [0.0, 1 / 32])
+def test_memory_plan_is_near_what_xla_allocates(auxk_coef):
+    """The estimate against XLA's own buffer assignment for the compiled step (here the
+    xla backend on a CPU; ``hsae plan --compile`` does the same on a GPU)."""
+    from hsae_jax.parallel.plan import PlanSettings, compiled_memory, memory_plan
+
+    tc = TrainConfig.from_flat(d_model=512, n_latents=16384, k=32, batch_size=1024,
+                               backend="xla", auxk_coef=auxk_coef)
+    estimate = memory_plan(PlanSettings.from_train_config(tc, 1))["total"]
+    compiled = compiled_memory(tc, 1)["total"]
+    assert 0.7 < estimate / compiled < 1.5, (estimate, compiled)
