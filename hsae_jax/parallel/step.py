@@ -19,12 +19,12 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
-from hsae_jax.model import SAEConfig
+from hsae_jax.model import MAX_DEAD_TOKENS, SAEConfig
 from hsae_jax.parallel.loss import sharded_sae_loss
 from hsae_jax.parallel.mesh import DATA, Layout, tree_specs
 from hsae_jax.parallel.optim import apply_gradients
 
-MAX_TOKENS_SINCE_FIRED = 2**30  # saturate instead of overflowing int32
+MAX_TOKENS_SINCE_FIRED = MAX_DEAD_TOKENS  # the counters saturate (no int32 overflow) there
 
 
 def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: Layout,
