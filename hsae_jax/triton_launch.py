@@ -16,10 +16,11 @@ Constexpr parameters are passed by keyword.
   per batch element (``vmap_method="sequential"``).
 
 A kernel launch has no derivative of its own (the ops' custom_vjp rules and
-``hierarchical_sae_prefix_sse``'s custom_jvp provide them): forward-mode
-differentiation that reaches a launch (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` of
-an op whose backward runs kernels) raises an error naming the backend and suggesting
-``backend="xla"``, which supports every transformation.
+``hierarchical_sae_prefix_sse``'s custom_jvp provide them): on ``"interpret"``,
+forward-mode differentiation that reaches a launch (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian`` of an op whose backward runs kernels) raises an error naming the backend
+and suggesting ``backend="xla"``, which supports every transformation; on ``"triton"``
+jax-triton refuses it itself (the compiled launch is jax-triton's call, unwrapped).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def launch(
         raise ValueError(f"{grid=} must be positive")
     if backend not in backends.KERNEL_BACKENDS:
         raise ValueError(f"{backend=} does not launch Triton kernels")
+    if backend == "triton":
+        return _launch_compiled(kernel, args, out_shape, grid, tuple(zeroed_outputs),
+                                num_warps, num_stages, constexprs)
     positions = [i for i, a in enumerate(args) if not isinstance(a, (int, float, bool))]
 
     @jax.custom_jvp
@@ -64,10 +68,6 @@ def launch(
         call_args = list(args)
         for position, value in zip(positions, arrays, strict=True):
             call_args[position] = value
-        if backend == "triton":
-            return tuple(_launch_compiled(kernel, call_args, out_shape, grid,
-                                          tuple(zeroed_outputs), num_warps, num_stages,
-                                          constexprs))
         return tuple(_launch_interpreted(kernel, call_args, out_shape, grid,
                                          tuple(zeroed_outputs), constexprs))
 
