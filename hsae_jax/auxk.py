@@ -86,9 +86,14 @@ def _loss_on_rows(cfg, kernels: KernelSettings, rows, xs, residual, is_dead, num
     aux_k = cfg.resolved_aux_k
     # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on these columns only
     x = _cast(cfg.compute_dtype, xs)
-    xc = x - rows["b_dec"].astype(x.dtype)
+    b_dec = rows["b_dec"]
+    xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
+    # b_dec's gradient through xc is sum_b d_pre[b] @ W_enc: taken as one mat-vec through
+    # a term that is exactly zero, instead of a [B, n] x [n, D] product summed over B
+    zero = jnp.dot(rows["W_enc"].astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
     pre = jnp.dot(xc, _cast(cfg.compute_dtype, rows["W_enc"]).T.astype(x.dtype),
                   preferred_element_type=jnp.float32) + rows["b_enc"].astype(jnp.float32)
+    pre = pre - zero
     pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
     acts = jax.nn.relu(pre)
     if pre.shape[1] > aux_k:  # else every dead latent is among a token's top aux_k

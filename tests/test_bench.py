@@ -38,10 +38,11 @@ def test_trainer_loop_benchmark_smoke(tmp_path):
                  "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
     runs = {r["run"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {"synthetic", "npy-float32", "npy-float16", "cache-float16",
-                         "dead-auxk", "dead-no-auxk"}
+                         "dead-auxk", "dead-no-auxk", "npy-float16-dead-auxk"}
     assert not [r for r in runs.values() if "error" in r]
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in runs.values())
-    assert runs["dead-auxk"]["dead_fraction"] > 0 and runs["dead-auxk"]["auxk_loss"] > 0
+    for name in ("dead-auxk", "npy-float16-dead-auxk"):  # 10% of the latents held dead
+        assert runs[name]["dead_fraction"] >= 0.1 and runs[name]["auxk_loss"] > 0
     assert runs["dead-no-auxk"]["auxk_loss"] == 0
     assert (tmp_path / "work" / "cache-float16" / "manifest.json").exists()
 

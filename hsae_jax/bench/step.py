@@ -34,7 +34,13 @@ from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 from hsae_jax.model import SAEConfig, init_arrays, sae_loss_and_grads
 from hsae_jax.topk import top_k
 from hsae_jax.train.config import TrainConfig
-from hsae_jax.train.step import apply_gradients, make_mesh, make_optimizer, make_train_step
+from hsae_jax.train.step import (
+    apply_gradients,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    takes_replicated_step,
+)
 
 STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-bf16", "naive-jax", "torch")
 DEAD_FRACTION = 0.1  # hsae-auxk: this share of the latents is dead in every timed step
@@ -68,7 +74,9 @@ def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
                                steps=10_000)
     cfg = tc.sae
     tx = make_optimizer(tc)
-    step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
+    mesh = make_mesh(1)  # the step the trainer takes for these settings on one device
+    step = make_train_step(cfg, tx, mesh, tc.kernels(),
+                           replicated=takes_replicated_step(tc, mesh))
     params, stats = init_arrays(cfg, jax.random.key(0))
     dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
     stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)

@@ -7,8 +7,16 @@ the first, which holds compilation). Runs:
 - ``synthetic``: the embedded generator (batches made on the device);
 - ``npy-float32`` / ``npy-float16``: one ``[N, D]`` ``.npy`` file of activations;
 - ``cache-float16``: a sharded activation cache (docs/activation-cache.md);
-- ``dead-auxk`` / ``dead-no-auxk``: synthetic data with a short ``dead_tokens`` so that
-  latents die and AuxK runs, and the same with AuxK off (the pair the AuxK goal compares).
+- ``dead-auxk`` / ``dead-no-auxk``: synthetic data with ``dead_fraction`` (10%) of the
+  latents dead, AuxK on and off (the pair the AuxK goal compares);
+- ``npy-float16-dead-auxk``: the float16 file with the same dead latents and AuxK on (what
+  a real run with dead latents gets).
+
+The dead latents are made so: the run trains one step and checkpoints, the first
+``dead_fraction`` of the latents get their encoder bias lowered by 1e3 (they never reach a
+token's top K again, and their AuxK activations are zero: the cost is the same) and their
+counters set to ``dead_tokens``, and the trainer resumes from that checkpoint for the
+timed steps (``hsae_jax.train.resume``), so the dead fraction holds steady.
 
 For the file runs the data path is also timed alone (the prefetching loader with no step
 behind it): "loader alone tokens/s" is the ceiling the data path puts on a run.
@@ -26,15 +34,17 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hsae_jax.bench import common
 from hsae_jax.data import CacheWriter, Prefetcher
 from hsae_jax.io_utils import atomic_write_json
-from hsae_jax.train import TrainConfig, train
+from hsae_jax.train import TrainConfig, resume, train
 
 RUNS = ("synthetic", "npy-float32", "npy-float16", "cache-float16", "dead-auxk",
-        "dead-no-auxk")
+        "dead-no-auxk", "npy-float16-dead-auxk")
+BIAS_DROP = 1e3  # lowers a latent's pre-activation out of every token's top K
 
 
 @dataclasses.dataclass
@@ -47,6 +57,7 @@ class TrainBenchSettings:
     log_every: int = 25
     rows: int = 400_000
     dead_tokens: int = 8192
+    dead_fraction: float = 0.1
     synthetic_features: int = 16384
     synthetic_active: float = 48.0
     backend: str = "auto"
@@ -114,6 +125,34 @@ def loader_tokens_per_s(tc: TrainConfig, steps: int) -> float:
     return steps * tc.batch_size / (time.perf_counter() - start)
 
 
+def kill_latents(run_dir: str, tc: TrainConfig, d_model: int, fraction: float) -> int:
+    """Makes the first ``fraction`` of the latents dead in the newest checkpoint of
+    ``run_dir`` (saved again as the next step): encoder bias lowered by ``BIAS_DROP``,
+    counters at ``dead_tokens``. Returns the step to resume from."""
+    from hsae_jax.parallel import MeshShape, make_layout
+    from hsae_jax.parallel.state import abstract_state
+    from hsae_jax.train.checkpoint import Checkpointer
+    from hsae_jax.train.step import make_optimizer
+
+    cfg = dataclasses.replace(tc.sae, d_model=d_model)
+    layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
+    ckpt = Checkpointer(run_dir)
+    try:
+        state, meta = ckpt.restore(abstract_state(layout, cfg, make_optimizer(tc, layout),
+                                                  tc.param_dtype))
+        n = int(round(fraction * cfg.n_latents))
+        params, stats = dict(state["params"]), dict(state["stats"])
+        params["b_enc"] = params["b_enc"].at[:n].add(-BIAS_DROP)
+        since = stats["tokens_since_fired"]
+        stats["tokens_since_fired"] = since.at[:n].set(
+            jnp.maximum(since[:n], cfg.dead_tokens))
+        step = meta["step"] + 1
+        ckpt.save(step, {**state, "params": params, "stats": stats}, {**meta, "step": step})
+    finally:
+        ckpt.close()
+    return step
+
+
 def steady_tokens_per_s(run_dir: str) -> dict:
     """Median tokens/s over the log intervals after the first (compilation), and more."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -132,11 +171,13 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
     rows = []
     for name in s.runs:
         flat = _common(s)
-        if name in paths:
-            flat.update(data=paths[name], eval_fraction=0.01)
-        if name.startswith("dead"):
-            flat.update(dead_tokens=s.dead_tokens,
-                        auxk_coef=0.0 if name == "dead-no-auxk" else 1.0 / 32.0)
+        data = name.replace("-dead-auxk", "")
+        if data in paths:
+            flat.update(data=paths[data], eval_fraction=0.01)
+        dead = "dead" in name
+        if dead:
+            flat.update(dead_tokens=s.dead_tokens, warmup_steps=1,  # the 1-step run takes it
+                        auxk_coef=0.0 if name.endswith("no-auxk") else 1.0 / 32.0)
         run_dir = os.path.join(s.work_dir, f"run-{name}")
         if os.path.exists(run_dir):
             import shutil
@@ -147,7 +188,13 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
             tc = TrainConfig.from_flat(**flat)
             if name in paths:
                 row["loader_tokens_per_s"] = loader_tokens_per_s(tc, min(s.steps, 50))
-            train(tc, run_dir, progress=False, log=lambda *_: None)
+            if dead:  # one step, latents killed in its checkpoint, then the timed steps
+                train(tc.replace(steps=1, save_every=1, eval_every=1), run_dir,
+                      progress=False, log=lambda *_: None)
+                start = kill_latents(run_dir, tc, s.d_model, s.dead_fraction)
+                resume(run_dir, steps=start + s.steps, progress=False, log=lambda *_: None)
+            else:
+                train(tc, run_dir, progress=False, log=lambda *_: None)
             row.update(steady_tokens_per_s(run_dir))
             row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
         except Exception as err:  # noqa: BLE001 - one failure must not stop the table
@@ -157,12 +204,14 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
     by = {r["run"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
         base = by.get("dead-no-auxk") if r["run"] == "dead-auxk" else by.get("synthetic")
+        if r["run"] == "npy-float16-dead-auxk":
+            base = by.get("dead-no-auxk")
         if r.get("tokens_per_s") and base and r["run"] != "synthetic":
             r["vs_baseline"] = r["tokens_per_s"] / base
     payload = {"benchmark": "trainer_loop", "device": common.device_info(),
                "workload": dict(batch=s.batch, n_latents=s.n_latents, d_model=s.d_model,
                                 k=s.k, steps=s.steps, rows=s.rows,
-                                dead_tokens=s.dead_tokens),
+                                dead_tokens=s.dead_tokens, dead_fraction=s.dead_fraction),
                "devices": len(jax.devices()), "runs": rows}
     atomic_write_json(s.out, payload)
     log("")
@@ -171,6 +220,6 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
         ("loader_tokens_per_s", "loader alone tokens/s", ",.0f"),
         ("vs_baseline", "vs baseline", ".2f"), ("dead_fraction", "dead", ".3f"),
         ("skipped_steps", "skipped", ".0f"), ("error", "error", "s")]))
-    log("baseline: synthetic (for dead-auxk: dead-no-auxk)")
+    log("baseline: synthetic (for the dead-...-auxk runs: dead-no-auxk)")
     log(f"\nwrote {s.out}")
     return payload
