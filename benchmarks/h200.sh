@@ -19,6 +19,9 @@
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
 #   auxk-pieces  benchmarks/auxk_pieces.py (AuxK alone at several dead fractions, its pieces)
 #   soak         benchmarks/soak.py: 20k steps killed at 12345 and resumed, deterministic
+#   soak-straight / soak-resume   the same split over two calls (each under 10 minutes):
+#                the uninterrupted run, then the killed and resumed one; join the two
+#                soak.json here with: python benchmarks/soak.py --merge A B --out C
 #   shard        benchmarks/shard_h200.py: the one-device sharded step against the replicated
 #                one, and the largest F that trains on one GPU (D=2304, K=64, B=4096)
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
@@ -79,6 +82,13 @@ for step in "$@"; do
         --batch-size 4096 --backend triton --deterministic --out /tmp/hsae-soak 2>&1 \
         | tee "$OUT/soak.log"
       cp /tmp/hsae-soak/soak.json /tmp/hsae-soak/soak.png "$OUT/" ;;
+    soak-straight|soak-resume)
+      phases=straight; [ "$step" = soak-resume ] && phases=killed,resumed
+      rm -rf "/tmp/$step" && python3 benchmarks/soak.py --phases $phases --steps 20000 \
+        --save-every 1000 --kill-step 12345 --d-model 2304 --n-latents 65536 --k 64 \
+        --batch-size 4096 --backend triton --deterministic --out "/tmp/$step" 2>&1 \
+        | tee "$OUT/$step.log"
+      mkdir -p "$OUT/$step" && cp "/tmp/$step/soak.json" "/tmp/$step/soak.png" "$OUT/$step/" ;;
     shard) python3 benchmarks/shard_h200.py --backend triton --out "$OUT/shard_h200.json" 2>&1 \
         | tee "$OUT/shard_h200.log" ;;
     plan) for f in 262144 524288 1048576; do python3 -m hsae_jax.cli plan --compile \

@@ -14,6 +14,12 @@ compares the final parameters of the two runs: bitwise equality is expected with
 Writes OUT/soak.json and OUT/soak.png; exits 1 if the kill or the resume did not happen
 as planned, or, with ``--deterministic``, if the parameters differ.
 
+The runs can be split over two calls (a GPU lent for at most 10 minutes a call):
+``--phases straight`` in one, ``--phases killed,resumed`` in the other, each with its own
+``--out``; each report holds the SHA-256 of every final parameter, and
+``--merge A/soak.json B/soak.json --out C`` joins the two reports into C/soak.json and
+C/soak.png, comparing the parameters by their digests (bitwise equality).
+
 GPU soak (not part of CI; about 20k steps)::
 
     python benchmarks/soak.py --steps 20000 --save-every 1000 --kill-step 12345 \\
@@ -58,8 +64,18 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible kernels: the two runs must end equal")
     p.add_argument("--out", default="soak")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="the runs this call makes: straight, killed,resumed or all three "
+                   "(default)")
+    p.add_argument("--merge", nargs=2, metavar="SOAK_JSON",
+                   help="join the soak.json of a straight call and of a killed,resumed "
+                   "call into --out")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.phases = tuple(x for x in args.phases.split(",") if x)
+    if args.phases not in (PHASES, PHASES[:1], PHASES[1:]):
+        p.error(f"--phases={','.join(args.phases)}: expected straight, killed,resumed or "
+                f"{','.join(PHASES)}")
     if args.kill_step is None:
         args.kill_step = int(args.steps * 0.6) + args.save_every // 2
     args.log_every = args.log_every or max(1, args.steps // 200)
@@ -150,6 +166,17 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def params_digest(run_dir: str) -> dict[str, str]:
+    """SHA-256 of each final parameter (sae.safetensors) of a finished run."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    arrays = load_file(os.path.join(run_dir, "sae.safetensors"))
+    return {name: hashlib.sha256(arrays[name].tobytes()).hexdigest() + f":{arrays[name].dtype}"
+            for name in sorted(arrays)}
+
+
 def compare_params(a_dir: str, b_dir: str) -> dict:
     import numpy as np
     from safetensors.numpy import load_file
@@ -168,10 +195,10 @@ def plot(report: dict, path: str) -> None:
     fig = Figure(figsize=(10, 4))
     speed, memory = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for phase in PHASES:
-        records = [r for r in report["records"][phase] if "tokens_per_s" in r]
+        records = [r for r in report["records"].get(phase, []) if "tokens_per_s" in r]
         speed.plot([r["step"] for r in records], [r["tokens_per_s"] for r in records],
                    ".-", label=phase)
-        mem = [r for r in report["memory"][phase] if "bytes_in_use" in r]
+        mem = [r for r in report["memory"].get(phase, []) if "bytes_in_use" in r]
         if mem:
             memory.plot([r["step"] for r in mem], [r["bytes_in_use"] / 2**30 for r in mem],
                         ".-", label=f"{phase} in use")
@@ -185,11 +212,80 @@ def plot(report: dict, path: str) -> None:
         ax.legend(fontsize=7)
     speed.set_ylabel("tokens/s (per log interval)")
     memory.set_ylabel("device memory, GiB")
-    if not any(report["memory"][p] and "bytes_in_use" in report["memory"][p][0]
+    if not any(report["memory"].get(p) and "bytes_in_use" in report["memory"][p][0]
                for p in PHASES):
         memory.set_title("no memory_stats() on this platform")
     fig.suptitle(f"soak: {report['settings']}", fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def collect(args) -> dict:
+    """The report of the phases this call ran (their records, memory and digests)."""
+    report = {"settings": train_settings(args), "kill_step": args.kill_step,
+              "phases": {}, "records": {}, "memory": {}, "digests": {}}
+    for phase in args.phases:
+        report["phases"][phase] = run_phase(args, phase)
+        memory = read_jsonl(os.path.join(args.out, f"{phase}_{MEMORY_FILE}"))
+        # evaluation batches (steps past the run) left out
+        report["memory"][phase] = [r for r in memory if r["step"] < args.steps]
+    if "straight" in args.phases:
+        straight = os.path.join(args.out, "straight")
+        report["records"]["straight"] = read_jsonl(os.path.join(straight, "metrics.jsonl"))
+        if report["phases"]["straight"]["returncode"] == 0:
+            report["digests"]["straight"] = params_digest(straight)
+    if "resumed" in args.phases:
+        killed_dir = os.path.join(args.out, "killed")
+        resumed = re.search(r"resuming .* at step (\d+)",
+                            "\n".join(report["phases"]["resumed"]["log"]))
+        report["resumed_from"] = int(resumed.group(1)) if resumed else None
+        cut = report["resumed_from"] or 0
+        records = read_jsonl(os.path.join(killed_dir, "metrics.jsonl"))
+        # the resumed run kept the records up to its checkpoint (the killed process's)
+        # and appended its own
+        report["records"]["killed"] = [r for r in records if r["step"] <= cut]
+        report["records"]["resumed"] = [r for r in records if r["step"] > cut]
+        if report["phases"]["resumed"]["returncode"] == 0:
+            report["digests"]["resumed"] = params_digest(killed_dir)
+    return report
+
+
+def merge(a: dict, b: dict) -> dict:
+    """One report from the reports of a straight call and of a killed,resumed call."""
+    if a["settings"] != b["settings"] or a["kill_step"] != b["kill_step"]:
+        raise ValueError(f"the two soak reports have different settings: {a['settings']} "
+                         f"(kill {a['kill_step']}) and {b['settings']} (kill {b['kill_step']})")
+    merged = {"settings": a["settings"], "kill_step": a["kill_step"], "merged": True}
+    for key in ("phases", "records", "memory", "digests"):
+        merged[key] = {**a.get(key, {}), **b.get(key, {})}
+    merged["resumed_from"] = a.get("resumed_from", b.get("resumed_from"))
+    if set(merged["phases"]) != set(PHASES):
+        raise ValueError(f"the two reports hold the phases {sorted(merged['phases'])}; "
+                         f"expected {list(PHASES)}")
+    return merged
+
+
+def judge(report: dict, args, local: bool) -> list[str]:
+    """What went wrong (empty: nothing); sets report["params"]."""
+    phases = report["phases"]
+    problems = []
+    if "straight" in phases and phases["straight"]["returncode"] != 0:
+        problems.append("the uninterrupted run failed")
+    if "killed" in phases and phases["killed"]["returncode"] != -signal.SIGKILL:
+        problems.append(f"the second run was not killed (exit "
+                        f"{phases['killed']['returncode']})")
+    if "resumed" in phases and phases["resumed"]["returncode"] != 0:
+        problems.append("the resumed run failed")
+    digests = report["digests"]
+    if not problems and {"straight", "resumed"} <= set(digests):
+        params = {"bitwise_equal": digests["straight"] == digests["resumed"]}
+        if local:
+            params.update(compare_params(os.path.join(args.out, "straight"),
+                                         os.path.join(args.out, "killed")))
+        report["params"] = params
+        if report["settings"]["deterministic"] and not params["bitwise_equal"]:
+            problems.append("--deterministic, yet the parameters differ")
+    report["problems"] = problems
+    return problems
 
 
 def main(argv=None) -> int:
@@ -201,46 +297,25 @@ def main(argv=None) -> int:
         print(f"soak: --out {args.out} is not empty", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    report = {"settings": train_settings(args), "kill_step": args.kill_step, "phases": {}}
-    for phase in PHASES:
-        report["phases"][phase] = run_phase(args, phase)
-    killed_dir = os.path.join(args.out, "killed")
-    resumed = re.search(r"resuming .* at step (\d+)", "\n".join(report["phases"]["resumed"]["log"]))
-    report["resumed_from"] = int(resumed.group(1)) if resumed else None
-    cut = report["resumed_from"] or 0
-    records = read_jsonl(os.path.join(killed_dir, "metrics.jsonl"))
-    report["records"] = {
-        "straight": read_jsonl(os.path.join(args.out, "straight", "metrics.jsonl")),
-        # the resumed run kept the records up to its checkpoint (the killed process's)
-        # and appended its own
-        "killed": [r for r in records if r["step"] <= cut],
-        "resumed": [r for r in records if r["step"] > cut],
-    }
-    report["memory"] = {  # evaluation batches (steps past the run) left out
-        p: [r for r in read_jsonl(os.path.join(args.out, f"{p}_{MEMORY_FILE}"))
-            if r["step"] < args.steps] for p in PHASES}
-    problems = []
-    if report["phases"]["straight"]["returncode"] != 0:
-        problems.append("the uninterrupted run failed")
-    if report["phases"]["killed"]["returncode"] != -signal.SIGKILL:
-        problems.append(f"the second run was not killed (exit "
-                        f"{report['phases']['killed']['returncode']})")
-    if report["phases"]["resumed"]["returncode"] != 0:
-        problems.append("the resumed run failed")
-    if not problems:
-        report["params"] = compare_params(os.path.join(args.out, "straight"), killed_dir)
-        if args.deterministic and not report["params"]["bitwise_equal"]:
-            problems.append("--deterministic, yet the parameters differ")
-    report["problems"] = problems
+    if args.merge:
+        loaded = []
+        for path in args.merge:
+            with open(path) as f:
+                loaded.append(json.load(f))
+        report = merge(*loaded)
+    else:
+        report = collect(args)
+    problems = judge(report, args, local=not args.merge)
     with open(os.path.join(args.out, "soak.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(report, os.path.join(args.out, "soak.png"))
     params = report.get("params", {})
-    print(f"soak: killed at step {args.kill_step}, resumed from "
-          f"{report['resumed_from']}; parameters bitwise equal: "
-          f"{params.get('bitwise_equal')}, max abs diff "
-          f"{max(params.get('max_abs_diff', {0: float('nan')}).values()):.3g}; "
-          f"wrote {args.out}/soak.json, soak.png")
+    diff = params.get("max_abs_diff")
+    print(f"soak: phases {', '.join(report['phases'])}; kill at step {report['kill_step']}, "
+          f"resumed from {report.get('resumed_from')}; parameters bitwise equal: "
+          f"{params.get('bitwise_equal')}"
+          + (f", max abs diff {max(diff.values()):.3g}" if diff else "")
+          + f"; wrote {args.out}/soak.json, soak.png")
     for problem in problems:
         print(f"soak: {problem}", file=sys.stderr)
     return 1 if problems else 0

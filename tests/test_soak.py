@@ -1,5 +1,6 @@
 """benchmarks/soak.py at a CPU size: a run killed with SIGKILL at a step and resumed ends
-bit-identical to an uninterrupted one; the JSON and the plot are written."""
+bit-identical to an uninterrupted one; the JSON and the plot are written; the runs split
+over two calls and merged give the same verdict."""
 
 from __future__ import annotations
 
@@ -7,23 +8,75 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 SOAK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "soak.py")
+SIZE = ["--steps", "6", "--save-every", "2", "--kill-step", "3", "--d-model", "8",
+        "--n-latents", "16", "--k", "4", "--batch-size", "16"]
 
 
-def test_soak_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def soak():
     spec = importlib.util.spec_from_file_location("soak", SOAK)
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_smoke(soak, tmp_path):
     out = tmp_path / "soak"
-    assert soak.main(["--steps", "6", "--save-every", "2", "--kill-step", "3", "--d-model", "8",
-                      "--n-latents", "16", "--k", "4", "--batch-size", "16",
-                      "--out", str(out)]) == 0
+    assert soak.main([*SIZE, "--out", str(out)]) == 0
     report = json.loads((out / "soak.json").read_text())
     assert report["phases"]["killed"]["returncode"] == -9
     assert report["resumed_from"] == 2 and report["problems"] == []
     assert report["params"]["bitwise_equal"]  # the xla backend on a CPU is deterministic
+    assert report["digests"]["straight"] == report["digests"]["resumed"]
+    assert set(report["digests"]["straight"]) == {"W_dec", "W_enc", "b_dec", "b_enc"}
     assert [r["step"] for r in report["records"]["straight"] if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in report["records"]["resumed"] if "loss" in r] == [3, 4, 5, 6]
     assert all(r["tokens_per_s"] > 0 for r in report["records"]["resumed"] if "loss" in r)
     assert {r["step"] for r in report["memory"]["straight"]} == set(range(6))
-    assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert is_png(out / "soak.png")
+
+
+def test_a_soak_split_over_two_calls_merges_into_one_verdict(soak, tmp_path):
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert soak.main([*SIZE, "--phases", "straight", "--out", str(a)]) == 0
+    assert soak.main([*SIZE, "--phases", "killed,resumed", "--out", str(b)]) == 0
+    parts = [json.loads((p / "soak.json").read_text()) for p in (a, b)]
+    assert set(parts[0]["phases"]) == {"straight"} and "params" not in parts[0]
+    assert set(parts[1]["phases"]) == {"killed", "resumed"} and "params" not in parts[1]
+    assert soak.main(["--merge", str(a / "soak.json"), str(b / "soak.json"),
+                      "--out", str(merged)]) == 0
+    report = json.loads((merged / "soak.json").read_text())
+    assert report["params"] == {"bitwise_equal": True} and report["problems"] == []
+    assert report["resumed_from"] == 2
+    assert is_png(merged / "soak.png")
+
+
+def test_merging_reports_of_other_settings_is_refused(soak, tmp_path):
+    straight = {"settings": {"steps": 6}, "kill_step": 3, "phases": {"straight": {}}}
+    other = {"settings": {"steps": 8}, "kill_step": 3, "phases": {"killed": {}, "resumed": {}}}
+    with pytest.raises(ValueError, match="different settings"):
+        soak.merge(straight, other)
+    with pytest.raises(ValueError, match="phases"):
+        soak.merge(straight, {**straight, "phases": {"killed": {}}})
+
+
+def test_differing_parameters_fail_a_deterministic_soak(soak, tmp_path):
+    report = {"settings": {"deterministic": True}, "kill_step": 3,
+              "phases": {p: {"returncode": rc} for p, rc in
+                         (("straight", 0), ("killed", -9), ("resumed", 0))},
+              "digests": {"straight": {"W_enc": "aa"}, "resumed": {"W_enc": "ab"}}}
+    assert soak.judge(report, None, local=False) == [
+        "--deterministic, yet the parameters differ"]
+    assert report["params"] == {"bitwise_equal": False}
+
+
+def test_phases_must_be_a_whole_half(soak):
+    with pytest.raises(SystemExit):
+        soak.parse_args([*SIZE, "--phases", "resumed"])

@@ -184,6 +184,7 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
 
             shutil.rmtree(run_dir)
         row = {"run": name}
+        started = time.perf_counter()
         try:
             tc = TrainConfig.from_flat(**flat)
             if name in paths:
@@ -199,7 +200,9 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
             row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
         except Exception as err:  # noqa: BLE001 - one failure must not stop the table
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        log(f"  {name}: {row.get('tokens_per_s', row.get('error'))}")
+        row["wall_s"] = time.perf_counter() - started  # the whole run: compiling, saving too
+        log(f"  {name}: {row.get('tokens_per_s', row.get('error'))} tokens/s, loader alone "
+            f"{row.get('loader_tokens_per_s', '-')}, {row['wall_s']:.0f} s")
         rows.append(row)
     by = {r["run"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
@@ -219,7 +222,8 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
         ("run", "run", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "step ms", ".2f"),
         ("loader_tokens_per_s", "loader alone tokens/s", ",.0f"),
         ("vs_baseline", "vs baseline", ".2f"), ("dead_fraction", "dead", ".3f"),
-        ("skipped_steps", "skipped", ".0f"), ("error", "error", "s")]))
+        ("skipped_steps", "skipped", ".0f"), ("wall_s", "run s", ".0f"),
+        ("error", "error", "s")]))
     log("baseline: synthetic (for the dead-...-auxk runs: dead-no-auxk)")
     log(f"\nwrote {s.out}")
     return payload
