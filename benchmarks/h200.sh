@@ -17,6 +17,8 @@
 #   bench-train  hsae bench --train (the trainer's loop: synthetic, .npy f32/f16, f16 cache,
 #                dead latents with and without AuxK; D=2304, F=65536, K=64, B=4096)
 #   train        hsae train at D=2304, F=65536, K=64, batch 4096 (copies metrics to $OUT)
+#   loader       benchmarks/loader_h200.py: the step alone (float32 / float16 input), the loader
+#                alone (1-8 threads) and both together, against the synthetic loop
 #   auxk-pieces  benchmarks/auxk_pieces.py (AuxK alone at several dead fractions, its pieces)
 #   soak         benchmarks/soak.py: 20k steps killed at 12345 and resumed, deterministic
 #   soak-straight / soak-resume   the same split over two calls (each under 10 minutes):
@@ -75,6 +77,8 @@ for step in "$@"; do
         --batch-size 4096 --steps 400 --synthetic-features 16384 --synthetic-active 48 \
         --log-every 25 --eval-every 200 --save-every 400 2>&1 | tee "$OUT/train.log"
       cp /tmp/hsae-run/metrics.json /tmp/hsae-run/metrics.jsonl /tmp/hsae-run/fvu_vs_k.png "$OUT/" ;;
+    loader) python3 benchmarks/loader_h200.py --out "$OUT/loader.json" 2>&1 \
+        | tee "$OUT/loader.log" ;;
     auxk-pieces) python3 benchmarks/auxk_pieces.py --out "$OUT/auxk_pieces.json" 2>&1 \
         | tee "$OUT/auxk_pieces.log" ;;
     soak) rm -rf /tmp/hsae-soak && python3 benchmarks/soak.py --steps 20000 \

@@ -135,3 +135,20 @@ def _benchmark_path(name):
     import pathlib
 
     return pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+
+
+def test_loader_diagnostic_smoke(tmp_path):
+    """benchmarks/loader_h200.py at a CPU size: every row timed, the synthetic loop is 1."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "loader_h200.py")
+    spec = importlib.util.spec_from_file_location("loader_h200", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "loader.json"
+    assert module.main(["--tiny", "--work-dir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["what"] for r in rows} == {"step", "loader", "loop"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["vs_synthetic_loop"] for r in rows if r["data"] == "synthetic"] == [1.0]

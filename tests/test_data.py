@@ -257,13 +257,66 @@ def test_the_loader_reads_ahead_on_threads_in_step_order(workers):
     assert source.thread is not threading.current_thread()
 
 
-def test_the_loaders_batches_equal_the_sources(tmp_path):
-    rows = rows_of(2000, 8, np.float16)
-    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0.05)
-    with Prefetcher(source, range(3, 30), put=jax.device_put, depth=3) as batches:
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_the_loaders_batches_equal_the_sources_in_float32(tmp_path, dtype):
+    rows = rows_of(2000, 8, dtype)
+    name = "a.safetensors" if dtype == ml_dtypes.bfloat16 else "a.npy"  # np.save loses bf16
+    source = RowSource(open_rows(save(tmp_path / name, rows)), 64, eval_fraction=0.05)
+    copied = []  # what crossed to the device: the stored dtype
+
+    def put(host):
+        copied.append(host.dtype)
+        return jax.device_put(host)
+
+    with Prefetcher(source, range(3, 30), put=put, depth=3) as batches:
         for step, x in batches:
-            assert x.dtype == np.float16
-            np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
+            assert x.dtype == np.float32  # converted on the device
+            np.testing.assert_array_equal(
+                np.asarray(x), rows[source.sampler.batch_rows(step)].astype(np.float32))
+    assert set(copied) == {np.dtype(dtype)}
+
+
+def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path):
+    """On a (data=2, model=2) mesh of 4 CPU devices (a subprocess): float16 rows arrive
+    float32 with the batch's sharding, and a NaN row is named."""
+    import subprocess
+    import sys
+    import textwrap
+
+    rows = rows_of(512, 8, np.float16)
+    rows[300, 5] = np.nan
+    path = save(tmp_path / "a.npy", rows)
+    script = textwrap.dedent(f"""
+        import numpy as np, jax
+        from hsae_jax.data import NonFiniteRowsError, Prefetcher, RowSource, open_rows
+        from hsae_jax.parallel import make_layout
+        layout = make_layout("data=2,model=2", 4)
+        source = RowSource(open_rows({str(path)!r}), 32)
+        rows = np.load({str(path)!r})
+        bad = [s for s in range(16) if 300 in source.sampler.batch_rows(s)]
+        good = [s for s in range(16) if s < bad[0]]
+        with Prefetcher(source, range(len(good)), lambda x: layout.put_batch(x, 32)) as it:
+            for step, x in it:
+                assert x.dtype == np.float32 and x.sharding == layout.batch_sharding, x.sharding
+                assert len(x.addressable_shards) == 4
+                want = rows[source.sampler.batch_rows(step)].astype(np.float32)
+                np.testing.assert_array_equal(np.asarray(x), want)
+        try:
+            for _ in Prefetcher(source, range(bad[0], bad[0] + 1),
+                                lambda x: layout.put_batch(x, 32)):
+                pass
+        except NonFiniteRowsError as err:
+            assert "row 300" in str(err), err
+        else:
+            raise AssertionError("no error for the NaN row")
+        print("ok", len(good))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
 
 
 def test_a_read_error_surfaces_at_its_step():

@@ -1,0 +1,187 @@
+"""Where a run from an activation file loses time: the data path and the step, apart and
+together (issue 11's file runs at 0.65-0.83 of the synthetic run's tokens/s).
+
+Rows of the synthetic generator are written once as float32 and float16 ``.npy`` files;
+then, each with the trainer's own pieces (``TrainConfig``, ``init_state``,
+``make_train_step``, ``Prefetcher``) and without its records, evaluation or saving:
+
+- ``step``: the step alone on one fixed device batch, float32 and float16 input (does a
+  float16 input cost the step anything?);
+- ``loader``: the prefetching loader alone (read, copy to the device, float32 + NaN check),
+  for several reading-thread counts;
+- ``loop``: step and loader together, as the trainer runs them (the rate to match: the
+  ``synthetic`` loop, whose batches are made on the device).
+
+Each row: ms per batch (median of ``--repeats`` timings of ``--steps`` batches) and
+tokens/s. Prints a markdown table, writes JSON (``--out``).
+
+GPU:  python3 benchmarks/loader_h200.py --out loader.json   (about 2-3 minutes)
+CPU:  python benchmarks/loader_h200.py --tiny --out /tmp/loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from hsae_jax.bench import common
+from hsae_jax.data import Prefetcher
+from hsae_jax.io_utils import atomic_write_json
+from hsae_jax.parallel import MeshShape, make_layout
+from hsae_jax.parallel.state import init_state
+from hsae_jax.train import TrainConfig
+from hsae_jax.train.step import make_optimizer, make_train_step, takes_replicated_step
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--n-latents", type=int, default=65536)
+    p.add_argument("--d-model", type=int, default=2304)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--steps", type=int, default=40, help="batches per timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", default="1,2,4,8", help="reading threads to try")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--work-dir", default="/tmp/hsae-loader")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized shapes")
+    p.add_argument("--out", default="loader.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch, args.n_latents, args.d_model, args.k = 64, 256, 32, 8
+        args.rows, args.steps, args.repeats, args.workers = 2048, 6, 2, "1,2"
+    args.workers = [int(w) for w in args.workers.split(",")]
+    return args
+
+
+def settings(args, data=None) -> TrainConfig:
+    return TrainConfig.from_flat(d_model=args.d_model, n_latents=args.n_latents, k=args.k,
+                                 batch_size=args.batch, steps=1_000_000, data=data,
+                                 eval_fraction=0.01 if data else 0.0, backend=args.backend,
+                                 synthetic_features=max(64, args.d_model * 4),
+                                 synthetic_active=max(4.0, args.k * 0.75))
+
+
+def write_files(args) -> dict[str, str]:
+    os.makedirs(args.work_dir, exist_ok=True)
+    paths = {dt: os.path.join(args.work_dir, f"acts-{args.rows}-{args.d_model}-{dt}.npy")
+             for dt in ("float32", "float16")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    source = settings(args).open_source()
+    files = {dt: np.lib.format.open_memmap(p + ".tmp.npy", mode="w+", dtype=dt,
+                                           shape=(args.rows, args.d_model))
+             for dt, p in paths.items()}
+    for i, start in enumerate(range(0, args.rows, args.batch)):
+        rows = np.asarray(source.batch(100_000 + i))[: args.rows - start]
+        for f in files.values():
+            f[start:start + len(rows)] = rows
+    for dt, f in files.items():
+        f.flush()
+        os.replace(paths[dt] + ".tmp.npy", paths[dt])
+    return paths
+
+
+def timed(run, repeats: int, steps: int, batch: int) -> dict:
+    """ms per batch (median over repeats; one warm-up) and tokens/s of ``run(first_step)``."""
+    run(0)
+    samples = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        run((r + 1) * steps)
+        samples.append((time.perf_counter() - start) * 1e3 / steps)
+    ms = statistics.median(samples)
+    return {"ms_per_batch": ms, "tokens_per_s": batch / ms * 1e3}
+
+
+class Trainer:
+    """The trainer's step on its state, for ``tc`` (one device)."""
+
+    def __init__(self, tc: TrainConfig, sample):
+        self.layout = make_layout(MeshShape.parse(tc.mesh), 1)
+        cfg = dataclasses.replace(tc.sae, d_model=sample.shape[1])
+        tx = make_optimizer(tc, self.layout)
+        self.state = init_state(self.layout, cfg, tx, tc.seed, sample)
+        self.step = make_train_step(cfg, tx, self.layout, tc.kernels(),
+                                    replicated=takes_replicated_step(tc, self.layout))
+
+    def __call__(self, x):
+        s = self.state
+        *values, metrics = self.step(s["params"], s["stats"], s["opt_state"], x)
+        self.state = dict(zip(("params", "stats", "opt_state"), values, strict=True))
+        return metrics
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    paths = write_files(args)
+    rows = []
+    n = args.steps
+    synthetic = settings(args).open_source()
+    trainer = Trainer(settings(args), np.asarray(synthetic.batch(0)))
+    put = lambda x: trainer.layout.put_batch(x, args.batch)  # noqa: E731
+
+    for dtype in ("float32", "float16"):  # the step alone on one device batch
+        x = jax.device_put(np.asarray(synthetic.batch(1)).astype(dtype))
+
+        def steps_only(first, x=x):
+            for _ in range(n):
+                metrics = trainer(x)
+            jax.block_until_ready(metrics)
+
+        rows.append({"what": "step", "data": f"fixed device batch, {dtype}",
+                     **timed(steps_only, args.repeats, n, args.batch)})
+
+    for dtype, path in paths.items():  # the loader alone
+        source = settings(args, path).open_source()
+        for workers in args.workers:
+            def load_only(first, source=source, workers=workers):
+                with Prefetcher(source, range(first, first + n), put, depth=max(4, workers),
+                                workers=workers) as batches:
+                    for _, x in batches:
+                        last = x
+                jax.block_until_ready(last)
+
+            rows.append({"what": "loader", "data": f".npy {dtype}", "workers": workers,
+                         **timed(load_only, args.repeats, n, args.batch)})
+
+    sources = {"synthetic": synthetic,
+               **{f".npy {dt}": settings(args, p).open_source() for dt, p in paths.items()}}
+    for name, source in sources.items():  # the trainer's loop, without records
+        for workers in ([None] if name == "synthetic" else args.workers):
+            def loop(first, source=source, workers=workers):
+                with Prefetcher(source, range(first, first + n), put,
+                                depth=max(4, workers or 4), workers=workers) as batches:
+                    for _, x in batches:
+                        metrics = trainer(x)
+                jax.block_until_ready(metrics)
+
+            rows.append({"what": "loop", "data": name, "workers": workers,
+                         **timed(loop, args.repeats, n, args.batch)})
+
+    base = next(r["tokens_per_s"] for r in rows if r["what"] == "loop"
+                and r["data"] == "synthetic")
+    for r in rows:
+        r["vs_synthetic_loop"] = r["tokens_per_s"] / base
+    print(f"B={args.batch} F={args.n_latents} D={args.d_model} K={args.k}, {n} batches per "
+          f"timing, median of {args.repeats}, {os.cpu_count()} CPUs")
+    print(common.markdown_table(rows, [
+        ("what", "what", "s"), ("data", "data", "s"), ("workers", "threads", "d"),
+        ("ms_per_batch", "ms / batch", ".2f"), ("tokens_per_s", "tokens/s", ",.0f"),
+        ("vs_synthetic_loop", "vs synthetic loop", ".2f")]))
+    atomic_write_json(args.out, {"benchmark": "loader", "device": common.device_info(),
+                                 "settings": {k: v for k, v in vars(args).items()},
+                                 "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
