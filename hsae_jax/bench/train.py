@@ -193,7 +193,9 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
                 train(tc.replace(steps=1, save_every=1, eval_every=1), run_dir,
                       progress=False, log=lambda *_: None)
                 start = kill_latents(run_dir, tc, s.d_model, s.dead_fraction)
-                resume(run_dir, steps=start + s.steps, progress=False, log=lambda *_: None)
+                end = start + s.steps  # the saved 1-step settings would save every step
+                resume(run_dir, steps=end, save_every=end, eval_every=end,
+                       log_every=s.log_every, progress=False, log=lambda *_: None)
             else:
                 train(tc, run_dir, progress=False, log=lambda *_: None)
             row.update(steady_tokens_per_s(run_dir))
