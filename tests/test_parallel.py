@@ -32,7 +32,11 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 
 def cpu_env(devices: int) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    """The environment of a subprocess with ``devices`` CPU devices; it imports the hsae_jax
+    of this checkout (not whichever one the virtual environment has installed)."""
+    path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH"))
+                           if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
     env.pop("TRITON_INTERPRET", None)
     return env
@@ -86,13 +90,18 @@ def test_sharded_steps_equal_the_single_device_step(backend, tmp_path):
 
 def _check_memory(memory):
     """F=8192, D=256: params + Adam moments are 6 [F, D] float32 matrices (48 MiB); on
-    model=m each device holds 1/m of them, and its temporaries fall with m too."""
-    matrices = 6 * 8192 * 256 * 4
+    model=m each device holds 1/m of them. The one-device temporaries are about 4 matrices
+    (the gradients, and AuxK's dense gradients in its every-column bucket; nothing saved
+    for a backward through AuxK's switch), and per device they fall as 1/m, plus on m > 1
+    AuxK's all-to-all copies of W_dec's rows and of their gradient (2 [F/m, D])."""
+    matrix = 8192 * 256 * 4
     for m in (1, 2, 8):
-        replicated = memory[f"{m}/argument"] - matrices / m
-        assert 0 <= replicated < 0.01 * matrices, (m, memory[f"{m}/argument"])
+        replicated = memory[f"{m}/argument"] - 6 * matrix / m
+        assert 0 <= replicated < 0.06 * matrix, (m, memory[f"{m}/argument"])
+    assert memory["1/temp"] < 4.5 * matrix, memory["1/temp"]
     for m in (2, 8):
-        assert memory[f"{m}/temp"] < 1.25 * memory["1/temp"] / m, (m, memory[f"{m}/temp"])
+        assert memory[f"{m}/temp"] < 1.25 * (memory["1/temp"] + 2 * matrix) / m, (
+            m, memory[f"{m}/temp"])
     hlo = str(memory["hlo_one_device"])
     assert not [op for op in COLLECTIVES if op in hlo]
 
