@@ -1,9 +1,11 @@
 """One-GPU figures for the sharded step (issue 15), on the H200 or tiny on a CPU.
 
-``--mode step``: the sharded step on a one-device mesh (what ``hsae train`` runs) against
-the replicated step of earlier versions (``make_replicated_step``), same state and batch,
-timed interleaved (median of ``--iters`` calls each); also checks that both give the same
-loss and that the compiled one-device program holds no collective. Goal: within 5%.
+``--mode step``: the sharded step on a one-device mesh against the replicated step
+(``make_replicated_step``, what ``hsae train`` runs there until this is measured), same
+state and batch, timed interleaved (median of ``--iters`` calls each) with no latent dead
+and at each dead fraction of ``--dead`` (default 0, 0.1 and 1: AuxK in every call); also
+checks that both give the same loss and that the compiled one-device program holds no
+collective. Goal: within 5%.
 
 ``--mode largest``: the largest F that trains on one device at (D, K, B) with the
 default settings (float32, AuxK on): a binary search over powers of two and their
@@ -50,8 +52,20 @@ def _config(args, n_latents: int):
                                  batch_size=args.batch, steps=10_000, backend=args.backend)
 
 
+def _with_dead(stats, fraction: float, cfg):
+    """``stats`` with the first ``fraction`` of a fixed random order of the latents dead."""
+    f = cfg.n_latents
+    dead = np.random.default_rng(2).permutation(f)[:int(round(fraction * f))]
+    since = np.zeros(f, np.int32)
+    since[dead] = cfg.dead_tokens
+    return {**stats, "tokens_since_fired": jax.device_put(
+        since, stats["tokens_since_fired"].sharding)}
+
+
 def time_steps(args) -> dict:
-    """The sharded step on mesh (1, 1) against the replicated step, interleaved."""
+    """The sharded step on mesh (1, 1) against the replicated step, interleaved, at each
+    dead fraction of ``--dead`` (with latents dead, both steps get the same counters in
+    every call: AuxK runs in every call)."""
     from hsae_jax.parallel import make_layout
     from hsae_jax.parallel.state import init_state
     from hsae_jax.train.step import (
@@ -65,42 +79,52 @@ def time_steps(args) -> dict:
     kernels = tc.kernels()
     layout = make_layout("data=1,model=1", 1)
     x = jax.random.normal(jax.random.key(1), (args.batch, args.d_model), jnp.float32)
-    runs = {}
+    steps = {}
     for name in ("sharded", "replicated"):
         tx = make_optimizer(tc, layout) if name == "sharded" else make_optimizer(tc)
-        step = (make_train_step(tc.sae, tx, layout, kernels) if name == "sharded" else
-                make_replicated_step(tc.sae, tx, make_mesh(1), kernels))
-        state = init_state(layout, tc.sae, tx, 0, np.asarray(x[:256]))
-        holder = [state["params"], state["stats"], state["opt_state"]]
+        steps[name] = (tx, make_train_step(tc.sae, tx, layout, kernels) if name == "sharded"
+                       else make_replicated_step(tc.sae, tx, make_mesh(1), kernels))
+    rows, ratios, same, hlo = [], {}, True, None
+    for fraction in args.dead:
+        runs = {}
+        for name, (tx, step) in steps.items():
+            state = init_state(layout, tc.sae, tx, 0, np.asarray(x[:256]))
+            stats = _with_dead(state["stats"], fraction, tc.sae)
+            holder = [state["params"], stats, state["opt_state"]]
 
-        def call(step=step, holder=holder):
-            holder[0], holder[1], holder[2], metrics = step(*holder, x)
-            return metrics["loss"]
+            def call(step=step, holder=holder, stats=stats, fixed=fraction > 0):
+                given = jax.tree.map(jnp.copy, stats) if fixed else holder[1]
+                holder[0], carried, holder[2], metrics = step(holder[0], given, holder[2], x)
+                if not fixed:
+                    holder[1] = carried
+                return metrics["loss"]
 
-        runs[name] = (call, step, holder)
-    samples = {name: [] for name in runs}
-    losses = {name: float(common.block(call())) for name, (call, _, _) in runs.items()}
-    for _ in range(args.warmup):
-        for call, _, _ in runs.values():
-            common.block(call())
-    for _ in range(args.iters):  # interleaved: clock and thermal drift hit both alike
-        for name, (call, _, _) in runs.items():
-            start = time.perf_counter()
-            common.block(call())
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    step = runs["sharded"][1]
-    hlo = step.lower(*runs["sharded"][2], x).compile().as_text()
-    rows = []
-    for name in runs:
-        s = sorted(samples[name])
-        rows.append({"step": name, "median_ms": s[len(s) // 2], "p10_ms": s[len(s) // 10],
-                     "p90_ms": s[(9 * len(s)) // 10], "first_loss": losses[name],
-                     "tokens_per_s": args.batch / (s[len(s) // 2] * 1e-3)})
-    ratio = rows[0]["median_ms"] / rows[1]["median_ms"]
-    return {"rows": rows, "sharded_over_replicated": ratio,
+            runs[name] = (call, step, holder)
+        samples = {name: [] for name in runs}
+        losses = {name: float(common.block(call())) for name, (call, _, _) in runs.items()}
+        for _ in range(args.warmup):
+            for call, _, _ in runs.values():
+                common.block(call())
+        for _ in range(args.iters):  # interleaved: clock and thermal drift hit both alike
+            for name, (call, _, _) in runs.items():
+                start = time.perf_counter()
+                common.block(call())
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        if hlo is None:
+            hlo = steps["sharded"][1].lower(*runs["sharded"][2], x).compile().as_text()
+        for name in runs:
+            s = sorted(samples[name])
+            rows.append({"dead_fraction": fraction, "step": name, "median_ms": s[len(s) // 2],
+                         "p10_ms": s[len(s) // 10], "p90_ms": s[(9 * len(s)) // 10],
+                         "first_loss": losses[name],
+                         "tokens_per_s": args.batch / (s[len(s) // 2] * 1e-3)})
+        ratios[fraction] = rows[-2]["median_ms"] / rows[-1]["median_ms"]
+        same &= abs(losses["sharded"] - losses["replicated"]) <= 1e-5 * max(
+            1.0, abs(losses["replicated"]))
+    return {"rows": rows, "sharded_over_replicated": ratios[args.dead[0]],
+            "ratio_by_dead_fraction": {str(k): v for k, v in ratios.items()},
             "collectives_in_one_device_program": [c for c in COLLECTIVES if c in hlo],
-            "same_first_loss": abs(losses["sharded"] - losses["replicated"])
-            <= 1e-5 * max(1.0, abs(losses["replicated"]))}
+            "same_first_loss": same}
 
 
 def attempt(args) -> dict:
@@ -211,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--iters", type=int)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dead", default="0,0.1,1",
+                   help="--mode step: dead fractions to time at (comma-separated)")
     p.add_argument("--low", type=int, help="smallest F the search tries")
     p.add_argument("--high", type=int, help="largest F the search tries")
     p.add_argument("--max-gb", type=float, default=0.0,
@@ -218,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--attempt-timeout", type=int, default=240)
     p.add_argument("--out", default="shard_h200.json")
     args = p.parse_args(argv)
+    args.dead = [float(f) for f in str(args.dead).split(",")]
     big = dict(batch=4096, d_model=2304, n_latents=65536, iters=20, low=2**18, high=2**21,
                backend="triton")
     tiny = dict(batch=64, d_model=32, n_latents=512, iters=3, low=2**9, high=2**13,
@@ -233,13 +260,16 @@ def main(argv=None) -> int:
                                                           "n_latents", "iters")}}
     if args.mode in ("all", "step"):
         print(f"step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k}, "
-              f"backend {args.backend}, {args.iters} interleaved calls each")
+              f"backend {args.backend}, {args.iters} interleaved calls each, dead "
+              f"fractions {args.dead}")
         payload["step"] = time_steps(args)
         s = payload["step"]
         print(common.markdown_table(s["rows"], [
-            ("step", "step", "s"), ("median_ms", "median ms", ".2f"), ("p10_ms", "p10", ".2f"),
+            ("dead_fraction", "dead", "g"), ("step", "step", "s"),
+            ("median_ms", "median ms", ".2f"), ("p10_ms", "p10", ".2f"),
             ("p90_ms", "p90", ".2f"), ("tokens_per_s", "tokens/s", ",.0f")]))
-        print(f"sharded / replicated = {s['sharded_over_replicated']:.3f}; same first loss: "
+        ratios = ", ".join(f"{v:.3f} ({k} dead)" for k, v in s["ratio_by_dead_fraction"].items())
+        print(f"sharded / replicated = {ratios}; same first loss: "
               f"{s['same_first_loss']}; collectives on one device: "
               f"{s['collectives_in_one_device_program'] or 'none'}")
     if args.mode in ("all", "largest"):

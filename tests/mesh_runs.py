@@ -10,7 +10,12 @@ Run as ``python tests/mesh_runs.py checks BACKEND OUT.npz steps,topk,memory`` wi
   beside the replicated one-device step of earlier versions;
 - ``topk``: the merged top-K of the sharded encoder on pre-activations full of exact ties,
   beside ``topk_encode`` on the whole matrix;
-- ``memory``: per-device sizes (``memory_analysis``) of the compiled step on model = 1..8.
+- ``memory``: per-device sizes (``memory_analysis``) of the compiled step on model = 1..8;
+- ``auxk``: the sharded AuxK (its value and in-place gradients, and autodiff of its value)
+  on meshes (1,1), (2,1), (1,2), (2,2), (1,4), (2,4), (1,8) for several dead sets, beside
+  the one-device definition (``auxk_loss_reference``);
+- ``mask``: ``merge_top_k_mask`` on values full of exact ties (and -inf), beside
+  ``top_k_mask`` on the whole matrix.
 """
 
 from __future__ import annotations
@@ -123,6 +128,136 @@ def check_topk(backend: str) -> dict:
     return out
 
 
+AUXK_MESHES = ("data=1,model=1", "data=2,model=1", "data=1,model=2", "data=2,model=2",
+               "data=1,model=4", "data=2,model=4", "data=1,model=8")
+# F = 64 latents, aux_k = 6: every path of the sharded AuxK on these meshes (the column
+# buckets of a device, its own top aux_k or all its columns, the merge over model)
+AUXK_DEAD = {
+    "none": [],
+    "one": [17],
+    "10%": [3, 9, 12, 30, 41, 50, 63],  # more than aux_k, spread over the blocks
+    "all": list(range(64)),
+    "one block": list(range(40, 48)),  # all on one device of 8 (or of 4, 2)
+    "two per block": [b + i for b in range(0, 64, 8) for i in (0, 1)],  # n <= aux_k < m n
+}
+AUXK_CAPPED = [1, 2, 3, 5, 8, 13, 21, 22, 23, 24, 25, 26, 27, 34, 55, 56, 57, 58, 59, 60]
+
+
+def _capped(dead, n_latents: int, model: int, fraction: float):
+    """The dead latents AuxK takes with ``auxk_max_fraction`` on ``model`` blocks: each
+    block's lowest-numbered ones, as many as its largest column bucket."""
+    from hsae_jax.auxk import column_buckets
+    from hsae_jax.parallel.auxk import bucket_divisors
+    from hsae_jax.parallel.mesh import Axes
+
+    block = n_latents // model
+    cap = column_buckets(block, fraction, bucket_divisors(Axes(1, model)))[-1]
+    return [f for j in range(model) for f in sorted(x for x in dead if x // block == j)[:cap]]
+
+
+def check_auxk(backend: str) -> dict:
+    """Per mesh and dead set: AuxK's value and ``grads`` plus its gradient (in place,
+    ``sharded_auxk_loss_and_add_grads``), and the value and gradient of autodiff through
+    ``sharded_auxk_loss``, all averaged over ``data``; and the one-device definition."""
+    import dataclasses
+
+    from jax.sharding import PartitionSpec as P
+
+    from hsae_jax import KernelSettings, SAEConfig
+    from hsae_jax.auxk import auxk_loss_reference
+    from hsae_jax.model import encode_arrays, scale_inputs
+    from hsae_jax.parallel import PARAM_SPECS, make_layout
+    from hsae_jax.parallel.auxk import sharded_auxk_loss, sharded_auxk_loss_and_add_grads
+    from hsae_jax.parallel.collectives import grad_psum
+    from hsae_jax.parallel.mesh import DATA, MODEL
+
+    kernels = KernelSettings(backend)
+    base = SAEConfig(d_model=16, n_latents=64, k=4, aux_k=6)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(16, 16)) * 2 + 0.5, jnp.float32)
+    params, stats = init_arrays(base, jax.random.key(2), x)
+    params = {**params,
+              "W_enc": params["W_enc"] + 0.3 * jnp.asarray(rng.normal(size=(64, 16)), jnp.float32),
+              "b_enc": jnp.asarray(rng.normal(size=64) * 0.2, jnp.float32)}
+    xs = scale_inputs(stats, x)
+    vals, indices = encode_arrays(base, params, stats, x, kernels=KernelSettings(backend))
+    grads = {n: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) for n, p in params.items()}
+    out = {f"grads/{n}": np.asarray(g) for n, g in grads.items()}
+
+    def mask(dead):
+        return jnp.zeros((64,), bool).at[jnp.asarray(dead, jnp.int32)].set(True)
+
+    def reference(cfg, dead, key):
+        with jax.default_matmul_precision("highest"):
+            value, ref = jax.value_and_grad(lambda p: auxk_loss_reference(
+                cfg, p, xs, vals, indices, mask(dead), KernelSettings("xla")))(params)
+        out[f"{key}/value"] = np.asarray(value)
+        out.update({f"{key}/{n}": np.asarray(g) for n, g in ref.items()})
+
+    cases = [(base, name, dead) for name, dead in AUXK_DEAD.items()]
+    capped = dataclasses.replace(base, auxk_max_fraction=0.25)
+    cases.append((capped, "capped", AUXK_CAPPED))
+    for name, dead in AUXK_DEAD.items():
+        reference(base, dead, f"reference/{name}")
+    for shape in AUXK_MESHES:
+        layout = make_layout(shape)
+        axes = layout.axes
+        for cfg in (base, capped):
+            def local(params, dead, xs, vals, indices, grads, cfg=cfg, axes=axes):
+                value, added = sharded_auxk_loss_and_add_grads(cfg, axes, params, xs, vals,
+                                                               indices, dead, grads, kernels)
+                spec_value, spec = jax.value_and_grad(lambda p: sharded_auxk_loss(
+                    cfg, axes, p, grad_psum(p["b_dec"], axes.model), xs, vals, indices, dead,
+                    kernels))(params)
+                return axes.pmean_data((value, added, spec_value, spec))
+
+            fn = jax.jit(jax.shard_map(
+                local, mesh=layout.mesh, check_vma=False,
+                in_specs=(PARAM_SPECS, P(MODEL), P(DATA), P(DATA), P(DATA), PARAM_SPECS),
+                out_specs=(P(), PARAM_SPECS, P(), PARAM_SPECS)))
+            for case_cfg, name, dead in cases:
+                if case_cfg is not cfg:
+                    continue
+                if cfg is capped:  # each block's lowest-numbered dead latents
+                    reference(base, _capped(dead, 64, axes.model, 0.25),
+                              f"reference/{shape}/{name}")
+                with jax.default_matmul_precision("highest"):
+                    value, added, spec_value, spec = fn(params, mask(dead), xs, vals, indices,
+                                                        grads)
+                out[f"{shape}/{name}/value"] = np.asarray(value)
+                out[f"{shape}/{name}/spec_value"] = np.asarray(spec_value)
+                out.update({f"{shape}/{name}/added/{n}": np.asarray(g) for n, g in added.items()})
+                out.update({f"{shape}/{name}/spec/{n}": np.asarray(g) for n, g in spec.items()})
+    return out
+
+
+def check_mask(backend: str) -> dict:
+    """``merge_top_k_mask`` with k = 5 and 12 over 64 columns split over 8, 4 and 2 devices
+    (a device's own top k compacted, or all its columns when it holds k or fewer), on
+    integer values (most of them tie, within and across devices) and some -inf."""
+    from jax.sharding import PartitionSpec as P
+
+    from hsae_jax.parallel import make_layout
+    from hsae_jax.parallel.collectives import merge_top_k_mask
+    from hsae_jax.parallel.mesh import DATA, MODEL
+    from hsae_jax.topk import top_k_mask
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(-2, 3, size=(16, 64)).astype(np.float32)
+    values[rng.random(values.shape) < 0.2] = -np.inf
+    out = {"values": values}
+    for k in (5, 12):
+        out[f"reference/{k}"] = np.asarray(top_k_mask(jnp.asarray(values), k, backend=backend))
+        for shape in ("data=1,model=8", "data=2,model=4", "data=4,model=2"):
+            layout = make_layout(shape)
+            fn = jax.jit(jax.shard_map(
+                lambda v, k=k, m=layout.axes.model: merge_top_k_mask(v, k, m, backend=backend),
+                mesh=layout.mesh, in_specs=P(DATA, MODEL), out_specs=P(DATA, MODEL),
+                check_vma=False))
+            out[f"{shape}/{k}"] = np.asarray(fn(values))
+    return out
+
+
 def check_memory(backend: str) -> dict:
     """Compiled (not run) at F = 8192, D = 256: each [F, D] float32 matrix is 8 MiB."""
     from hsae_jax.parallel import make_layout
@@ -212,7 +347,8 @@ if __name__ == "__main__":
         reshard(sys.argv[2])
         sys.exit(0)
     backend, path = sys.argv[2:4]
-    checks = {"steps": check_steps, "topk": check_topk, "memory": check_memory}
+    checks = {"steps": check_steps, "topk": check_topk, "memory": check_memory,
+              "auxk": check_auxk, "mask": check_mask}
     result = {}
     for name in sys.argv[4].split(","):
         kwargs = {"steps": 2} if name == "steps" and backend == "interpret" else {}  # slow

@@ -1,21 +1,33 @@
 """AuxK (:mod:`hsae_jax.auxk`) with the latents split over ``model`` and W_dec over D.
 
 The dead latents live on different devices: device j finds its own (its block of the
-``tokens_since_fired`` counters), computes their pre-activations with its ``W_enc``
-rows in a static column bucket n (F/m/64 ... F/m, the smallest that holds the most
-dead latents any device has: ``lax.switch`` takes the same branch on every device), and
-takes its top aux_k; the global top aux_k per token is merged from the m candidate
-lists like the main top-K (never [B, F]). The largest bucket (every column) uses the
-blocks themselves instead of gathered copies of their rows. Each device keeps the winners
-among its own columns as a dense [B, n] activation matrix. The reconstruction needs the winners'
-decoder rows over all of D, which lie across the devices (W_dec is split over D): an
-all-to-all brings each device the rows of its own dead latents ([n, D], not [F, D]),
-each device multiplies its [B, n] activations by them, and a reduce-scatter over D sums
-the m partial reconstructions into the device's D slice. The squared error is summed
-over the slices; the residual's variance and the number of dead latents are taken over
-the whole batch and dictionary, so the loss equals the one-device AuxK on the same
-global batch. With m = 1 and one device on ``data`` this is :func:`hsae_jax.auxk.auxk_loss`
-step for step.
+``tokens_since_fired`` counters) and computes their pre-activations with its ``W_enc``
+rows in a static column bucket n (F/m/q for the divisors q of :func:`bucket_divisors`,
+the smallest that holds the most dead latents any device has: ``lax.switch`` takes the
+same branch on every device). Each token's global top aux_k is a mask over the device's
+columns (:func:`~hsae_jax.parallel.collectives.merge_top_k_mask`: radix selects, no
+sorted top-k; on one device :func:`hsae_jax.topk.top_k_mask` as in
+:mod:`hsae_jax.auxk`), and the device keeps its winners as a dense [B, n] activation
+matrix. The largest bucket (every column) uses the blocks themselves instead of gathered
+copies of their rows. The reconstruction needs the winners' decoder rows over all of D,
+which lie across the devices (W_dec is split over D): an all-to-all brings each device
+the rows of its own dead latents ([n, D], not [F, D]), each device multiplies its [B, n]
+activations by them, and a reduce-scatter over D sums the m partial reconstructions into
+the device's D slice. The squared error is summed over the slices; the residual's
+variance and the number of dead latents are taken over the whole batch and dictionary,
+so the loss equals the one-device AuxK on the same global batch.
+
+Two entry points, as in :mod:`hsae_jax.auxk`:
+
+- :func:`sharded_auxk_loss`: the value, differentiable (the specification the tests
+  differentiate);
+- :func:`sharded_auxk_loss_and_add_grads`: what the sharded step calls after the main
+  gradients: the value, and ``auxk_coef`` times its gradient added in place to the dead
+  latents' rows of this device's gradient blocks (and to b_dec's, summed over ``model``),
+  inside the same switch, so a step with no dead latent does no AuxK work at all.
+
+With m = 1 and one device on ``data`` this is :func:`hsae_jax.auxk.auxk_loss_and_add_grads`
+step for step (same buckets, same mask, same b_dec mat-vec).
 """
 
 from __future__ import annotations
@@ -25,16 +37,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.auxk import column_buckets
-from hsae_jax.parallel.collectives import merge_top_k, sum_over
+from hsae_jax.auxk import BUCKET_DIVISORS, ROW_PARAMS, column_buckets
+from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
 from hsae_jax.parallel.mesh import MODEL, Axes
 from hsae_jax.sparse_rows import weighted_row_sum
-from hsae_jax.topk import top_k
 
-# Coarser than the one-device buckets: with buckets of F/m/2 and F/m/8 as well, XLA's CPU
-# runtime (jaxlib 0.10) crashed (SIGSEGV) running the step on a (2, 4) mesh; these are
-# the buckets the multi-device tests run.
+# With latents on ``model`` the buckets are coarser than the one-device ones: with buckets
+# of F/m/2 and F/m/8 as well, XLA's CPU runtime (jaxlib 0.10) crashed (SIGSEGV) running
+# the step on a (2, 4) mesh; these are the buckets the multi-device tests run.
 SHARDED_BUCKET_DIVISORS = (64, 16, 4, 1)
+
+
+def bucket_divisors(axes: Axes) -> tuple[int, ...]:
+    """The column buckets' divisors q (buckets F/m/q): the one-device ones
+    (:data:`hsae_jax.auxk.BUCKET_DIVISORS`) while nothing is on ``model``, else
+    :data:`SHARDED_BUCKET_DIVISORS`."""
+    return BUCKET_DIVISORS if axes.model == 1 else SHARDED_BUCKET_DIVISORS
 
 
 def _cast(compute_dtype: str, x):
@@ -49,6 +67,15 @@ def residual_slice(params, xs_slice, b_dec_slice, vals, indices) -> jax.Array:
     return jax.lax.stop_gradient(xs_slice - recon)
 
 
+def _residual(axes: Axes, params, xs, vals, indices) -> jax.Array:
+    """[B, D/m] float32: :func:`residual_slice` of this device's D slice."""
+    d_local = xs.shape[1] // axes.model
+    start = axes.model_index() * d_local
+    return residual_slice(params, jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1),
+                          jax.lax.dynamic_slice_in_dim(params["b_dec"], start, d_local),
+                          vals, indices)
+
+
 def _variance(axes: Axes, residual, batch: int, d_model: int):
     """mean over the global batch and all of D of (residual - its mean over the batch)^2."""
     if axes.data == 1 and axes.model == 1:
@@ -60,77 +87,63 @@ def _variance(axes: Axes, residual, batch: int, d_model: int):
 def _winners(cfg, axes: Axes, kernels, pre):
     """[B, n] bool: the columns of ``pre`` among each token's global top aux_k (None: all)."""
     aux_k = cfg.resolved_aux_k
-    b, n = pre.shape
-    if axes.model * n <= aux_k:  # every dead latent is among a token's top aux_k
+    if axes.model * pre.shape[1] <= aux_k:  # every dead latent is among a token's top aux_k
         return None
-    pre = jax.lax.stop_gradient(pre)  # which columns win is not differentiated
-    rows = jnp.arange(b)[:, None]
+    return merge_top_k_mask(pre, aux_k, axes.model, backend=kernels.backend,
+                            config=kernels.topk)
+
+
+def _over_d(axes: Axes, rows):
+    """[m·n, D/m] -> [n, D]: from this device's D block of the rows of every device's n
+    columns (device by device), the rows of its own n columns over all of D (an
+    all-to-all over ``model``; nothing with m = 1)."""
     if axes.model == 1:
-        _, positions = top_k(pre, aux_k, backend=kernels.backend, config=kernels.topk)
-        return jnp.zeros(pre.shape, jnp.bool_).at[rows, positions].set(True)
-    if n > aux_k:
-        values, positions = top_k(pre, aux_k, backend=kernels.backend, config=kernels.topk)
-    else:  # columns in index order are candidates in tie order already
-        values, positions = pre, jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), pre.shape)
-    offset = axes.model_index() * n
-    _, columns = merge_top_k(values, positions + offset, aux_k)  # global column numbers
-    local = columns - offset
-    local = jnp.where((local >= 0) & (local < n), local, n)  # other devices' winners: dropped
-    return jnp.zeros(pre.shape, jnp.bool_).at[rows, local].set(True, mode="drop")
+        return rows
+    d_local = rows.shape[1]
+    n = rows.shape[0] // axes.model
+    rows = jax.lax.all_to_all(rows, MODEL, 0, 0, tiled=True)  # [m (D block) x n, D/m] mine
+    return rows.reshape(axes.model, n, d_local).transpose(1, 0, 2).reshape(n, -1)
 
 
-def _dead_rows(axes: Axes, w_dec, latents, is_dead):
-    """[n, D]: W_dec rows of this device's dead latents over all of D (w_dec: [F, D/m])."""
-    if axes.model == 1:
-        return jnp.take(w_dec, latents, axis=0, mode="fill", fill_value=0)
-    n = latents.shape[0]
-    f = w_dec.shape[0]
-    block = f // axes.model
-    wanted = jnp.where(is_dead, latents + axes.model_index() * block, f)  # global; f: none
-    every = jax.lax.all_gather(wanted, MODEL, axis=0, tiled=True)  # [m * n]: each device's
-    rows = jnp.take(w_dec, every, axis=0, mode="fill", fill_value=0)  # [m * n, D/m]
-    rows = jax.lax.all_to_all(rows, MODEL, 0, 0, tiled=True)  # [m (D block), n, D/m] mine
-    return rows.reshape(axes.model, n, -1).transpose(1, 0, 2).reshape(n, -1)
+def _bucket_rows(axes: Axes, params, dead, columns: int):
+    """This device's ``columns`` columns for a bucket: (is_dead [n] (the rest padding),
+    rows, where) with rows W_enc [n, D], b_enc [n] (its columns' rows) and W_dec
+    [m·n, D/m] (its D block of every device's columns' rows, device by device), and
+    where = (local latents [n], global W_dec rows [m·n]) they are in the blocks (padding:
+    F/m and F, off the end); None for the every-column bucket, whose rows are the blocks
+    themselves (no gathered copies)."""
+    f_local = dead.shape[0]
+    if columns == f_local:
+        return dead, {name: params[name] for name in ROW_PARAMS}, None
+    latents = jnp.nonzero(dead, size=columns, fill_value=f_local)[0]  # [n] ascending
+    is_dead = latents < f_local
+    f = params["W_dec"].shape[0]
+    wanted = jnp.where(is_dead, latents + axes.model_index() * f_local, f)  # global; f: none
+    if axes.model > 1:
+        wanted = jax.lax.all_gather(wanted, MODEL, axis=0, tiled=True)  # [m * n]: each device's
+    rows = {"W_enc": jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0),
+            "b_enc": jnp.take(params["b_enc"], latents, mode="fill", fill_value=0),
+            "W_dec": jnp.take(params["W_dec"], wanted, axis=0, mode="fill", fill_value=0)}
+    return is_dead, rows, (latents, wanted)
 
 
-def _all_rows(axes: Axes, w_dec):
-    """[F/m, D]: W_dec rows of this device's latents over all of D (w_dec: [F, D/m])."""
-    if axes.model == 1:
-        return w_dec
-    f, d_local = w_dec.shape
-    rows = jax.lax.all_to_all(w_dec, MODEL, 0, 0, tiled=True)  # [m (D block) x F/m, D/m]
-    return rows.reshape(axes.model, f // axes.model, d_local).transpose(1, 0, 2).reshape(
-        f // axes.model, -1)
-
-
-def _dead_columns_loss(cfg, axes: Axes, kernels, columns: int, params, b_dec, xs, vals,
-                       indices, dead, num_dead):
-    """The AuxK loss on ``columns`` local columns holding this device's dead latents."""
-    f_local, aux_k = dead.shape[0], cfg.resolved_aux_k
-    d_model = xs.shape[1]
-    d_local = d_model // axes.model
-    start = axes.model_index() * d_local
-    xs_slice = jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1)
-    b_dec_slice = jax.lax.dynamic_slice_in_dim(b_dec, start, d_local)
-    residual = residual_slice(params, xs_slice, b_dec_slice, vals, indices)  # [B, D/m]
-    if columns == f_local:  # every column: the blocks themselves, no gathered copies
-        is_dead, w_enc, b_enc = dead, params["W_enc"], params["b_enc"]
-        w_dec = _all_rows(axes, params["W_dec"])
-    else:
-        latents = jnp.nonzero(dead, size=columns, fill_value=f_local)[0]  # [n] ascending
-        is_dead = latents < f_local
-        w_enc = jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0)  # [n, D]
-        b_enc = jnp.take(params["b_enc"], latents, mode="fill", fill_value=0)  # [n]
-        w_dec = _dead_rows(axes, params["W_dec"], latents, is_dead)  # [n, D]
+def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, num_dead):
+    """The AuxK loss from a bucket's rows (:func:`_bucket_rows`) and b_dec [D] (this
+    device's share of its gradient); xs [B, D] this device's rows, residual [B, D/m]."""
+    aux_k, d_model = cfg.resolved_aux_k, xs.shape[1]
     # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on the dead columns only
     x = _cast(cfg.compute_dtype, xs)
-    xc = x - b_dec.astype(x.dtype)
-    pre = jnp.dot(xc, _cast(cfg.compute_dtype, w_enc).T.astype(x.dtype),
-                  preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
+    xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
+    # b_dec's gradient through xc is -sum_b d_pre[b] @ W_enc: taken as one mat-vec through
+    # a term that is exactly zero, instead of a [B, n] x [n, D] product summed over B
+    zero = jnp.dot(rows["W_enc"].astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
+    pre = jnp.dot(xc, _cast(cfg.compute_dtype, rows["W_enc"]).T.astype(x.dtype),
+                  preferred_element_type=jnp.float32) + rows["b_enc"].astype(jnp.float32)
+    pre = pre - zero
     pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
     winners = _winners(cfg, axes, kernels, pre)
     acts = jax.nn.relu(pre) if winners is None else jnp.where(winners, jax.nn.relu(pre), 0.0)
-    w_dec = _cast(cfg.compute_dtype, w_dec).astype(jnp.float32)
+    w_dec = _cast(cfg.compute_dtype, _over_d(axes, rows["W_dec"])).astype(jnp.float32)
     recon = jnp.dot(acts, w_dec, preferred_element_type=jnp.float32)  # [B, D]: my latents'
     if axes.model > 1:  # sum the devices' parts, each device keeping its D slice
         recon = jax.lax.psum_scatter(recon, MODEL, scatter_dimension=1, tiled=True)
@@ -144,21 +157,85 @@ def _dead_columns_loss(cfg, axes: Axes, kernels, columns: int, params, b_dec, xs
     return jnp.where(variance > 0, scale * err / variance, 0.0)
 
 
+def _bucket_loss(cfg, axes, kernels, columns, params, b_dec, xs, vals, indices, dead,
+                 num_dead):
+    is_dead, rows, _ = _bucket_rows(axes, params, dead, columns)
+    residual = _residual(axes, params, xs, vals, indices)
+    return _loss_on_rows(cfg, axes, kernels, rows, b_dec, xs, residual, is_dead, num_dead)
+
+
+def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals, indices,
+                           dead, num_dead):
+    is_dead, rows, where = _bucket_rows(axes, params, dead, columns)
+    residual = _residual(axes, params, xs, vals, indices)
+    loss, vjp = jax.vjp(lambda r, b_dec: _loss_on_rows(cfg, axes, kernels, r, b_dec, xs,
+                                                      residual, is_dead, num_dead),
+                        rows, params["b_dec"])
+    d, d_b_dec = vjp(jnp.float32(cfg.auxk_coef))
+    grads = dict(grads)
+    for name in ROW_PARAMS:
+        g = d[name].astype(grads[name].dtype)
+        if where is None:  # the blocks themselves: dense (zero in the live latents' rows)
+            grads[name] = grads[name] + g
+        else:  # padding rows (F/m, F) fall off the end
+            at = where[1] if name == "W_dec" else where[0]
+            grads[name] = grads[name].at[at].add(g, mode="drop")
+    d_b_dec = axes.psum_model(d_b_dec)  # this device's columns' share, summed
+    grads["b_dec"] = grads["b_dec"] + d_b_dec.astype(grads["b_dec"].dtype)
+    return loss, grads
+
+
+def _branch(cfg, axes: Axes, dead):
+    """(num_dead over the dictionary, the buckets, the switch index: 0 while none is dead,
+    else 1 + the index of the smallest bucket that holds the most dead latents any device
+    of ``model`` has (the largest when none does, ``lax.switch`` clamping))."""
+    local = jnp.sum(dead)
+    num_dead = axes.psum_model(local)
+    most = axes.pmax_model(local)  # the same bucket on every device of the axis
+    buckets = column_buckets(dead.shape[0], cfg.auxk_max_fraction, bucket_divisors(axes))
+    which = jnp.where(num_dead > 0, 1 + jnp.searchsorted(jnp.asarray(buckets), most), 0)
+    return num_dead, buckets, which
+
+
 def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
                       kernels) -> jax.Array:
     """Scalar float32 AuxK loss inside ``shard_map``; 0 (nothing computed) while no
-    latent is dead anywhere.
+    latent is dead anywhere. Differentiable (the definition the in-place gradients of
+    :func:`sharded_auxk_loss_and_add_grads` are checked against).
 
     params: this device's blocks (W_enc [F/m, D], b_enc [F/m], W_dec [F, D/m]); b_dec [D]
-    (differentiable: this device's share of its gradient); xs [B/d, D] this device's rows
-    in the model's space; vals, indices [B/d, K] the merged main selection; dead [F/m]
-    bool, this device's latents. Its mean over ``data`` is the loss of the global batch.
+    (differentiable: this device's share of its gradient); xs [B/d, D] float32 this
+    device's rows in the model's space; vals, indices [B/d, K] the merged main selection
+    (its reconstruction's residual is the target, not differentiated); dead [F/m] bool,
+    this device's latents. Its mean over ``data`` is the loss of the global batch.
     """
-    local_dead = jnp.sum(dead)
-    num_dead = axes.psum_model(local_dead)
-    most = axes.pmax_model(local_dead)  # the same bucket on every device of the axis
-    buckets = column_buckets(dead.shape[0], cfg.auxk_max_fraction, SHARDED_BUCKET_DIVISORS)
+    num_dead, buckets, which = _branch(cfg, axes, dead)
     branches = [lambda *_: jnp.float32(0.0)] + [
-        functools.partial(_dead_columns_loss, cfg, axes, kernels, n) for n in buckets]
-    which = jnp.where(num_dead > 0, 1 + jnp.searchsorted(jnp.asarray(buckets), most), 0)
+        functools.partial(_bucket_loss, cfg, axes, kernels, n) for n in buckets]
     return jax.lax.switch(which, branches, params, b_dec, xs, vals, indices, dead, num_dead)
+
+
+def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, dead, grads,
+                                    kernels):
+    """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient) inside
+    ``shard_map``.
+
+    Arguments as :func:`sharded_auxk_loss` (b_dec is ``params["b_dec"]``); ``grads``: this
+    device's gradients of the rest of the objective (a dict like ``params``, before the
+    mean over ``data``). Only the dead latents' rows of the W_enc / b_enc / W_dec blocks
+    change, and b_dec's by the sum over ``model`` of the devices' shares; with no dead
+    latent the gradients pass through untouched.
+    """
+    num_dead, buckets, which = _branch(cfg, axes, dead)
+    which = jnp.minimum(which, len(buckets))  # more dead than the largest bucket: that one
+    loss = jnp.float32(0.0)
+    # one two-way cond per bucket rather than one switch: XLA then updates the gradients in
+    # place (through a switch whose branches scatter into them, or pass them through, it
+    # copies every [F, D] gradient first, even in the branch without dead latents)
+    for i, n in enumerate(buckets):
+        part, grads = jax.lax.cond(
+            which == i + 1, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels, n),
+            lambda grads, *_: (jnp.float32(0.0), grads),
+            grads, params, xs, vals, indices, dead, num_dead)
+        loss = loss + part
+    return loss, grads

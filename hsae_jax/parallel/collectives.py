@@ -12,6 +12,9 @@ step never differentiates through a bare ``psum``; it uses the two Megatron-styl
 :func:`merge_top_k` is the distributed top-k: each device of the axis holds its top k
 candidates (values and global indices); the global top k is the top k of the m·k
 candidates per token, which an all-gather of [B, m·k] brings together (never [B, F]).
+:func:`merge_top_k_mask` is the same selection as a mask over each device's columns, by
+radix selects (:func:`hsae_jax.topk.top_k_mask`) instead of a sorted top-k (AuxK's
+k = aux_k is large).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from hsae_jax.parallel.mesh import MODEL
+from hsae_jax.topk import TopKConfig, top_k_mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -74,3 +78,41 @@ def merge_top_k(values: jax.Array, indices: jax.Array, k: int) -> tuple[jax.Arra
     every_index = jax.lax.all_gather(indices, MODEL, axis=1, tiled=True)
     top, position = jax.lax.top_k(every_value, k)
     return top, jnp.take_along_axis(every_index, position, axis=1)
+
+
+def merge_top_k_mask(values: jax.Array, k: int, size: int, *, backend: str = "auto",
+                     config: TopKConfig | None = None) -> jax.Array:
+    """[B, n] bool: which of this device's columns are among each row's ``k`` largest over
+    the ``model`` axis (of ``size`` devices), ties to the lower global column as ``top_k``
+    breaks them; not differentiated, never sorted.
+
+    values: [B, n] float32, this device's columns; device j's columns come after device
+    j-1's (global column j·n + c). Each device marks its own top k (all n when n <= k:
+    :func:`top_k_mask`, a radix select), compacts its winners' values in column order to
+    [B, c] (c = min(n, k)), the all-gather of those ([B, m·c], in global column order)
+    gets its top k marked the same way, and each device reads its own c back. Every
+    global winner is a winner of its device, so this is the top k of all m·n columns.
+    ``backend`` / ``config``: :func:`top_k_mask`'s.
+    """
+    values = jax.lax.stop_gradient(values)
+    b, n = values.shape
+    rows = jnp.arange(b)[:, None]
+    if n > k:
+        local = top_k_mask(values, k, backend=backend, config=config)
+        slot = jnp.where(local, jnp.cumsum(local, axis=1, dtype=jnp.int32) - 1, k)  # [B, n]
+        compact = jnp.zeros((b, k), values.dtype).at[rows, slot].set(values, mode="drop")
+    else:  # every column is a candidate already, in column order
+        local, compact = None, values
+        slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    c = compact.shape[1]
+    if size * c <= k:  # every candidate wins
+        won = None
+    else:
+        every = jax.lax.all_gather(compact, MODEL, axis=1, tiled=True)  # [B, m * c]
+        won = jax.lax.dynamic_slice_in_dim(
+            top_k_mask(every, k, backend=backend, config=config),
+            jax.lax.axis_index(MODEL) * c, c, axis=1)  # [B, c]: this device's candidates
+    if won is None:
+        return jnp.ones((b, n), jnp.bool_) if local is None else local
+    chosen = jnp.take_along_axis(won, jnp.minimum(slot, c - 1), axis=1)
+    return chosen if local is None else chosen & local

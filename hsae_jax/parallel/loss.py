@@ -11,9 +11,15 @@ encoder's backward; ``dW_dec`` stays local. ``b_dec`` is used whole by the encod
 slices in the decoder, so its gradient is the sum of the devices' shares. AuxK is
 :mod:`hsae_jax.parallel.auxk`. With a mesh of one device every collective drops out and
 the computation is ``sae_loss``'s.
+
+The step differentiates everything but AuxK and adds AuxK's gradient in place
+(:func:`sharded_sae_loss_and_grads`), as the one-device trainer does
+(:func:`hsae_jax.model.sae_loss_and_grads`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +28,7 @@ from hsae_jax.encoder.api import make_encoder
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
 from hsae_jax.model import SAEConfig, fired_latents, scale_inputs
-from hsae_jax.parallel.auxk import sharded_auxk_loss
+from hsae_jax.parallel.auxk import sharded_auxk_loss, sharded_auxk_loss_and_add_grads
 from hsae_jax.parallel.collectives import grad_psum, sum_over
 from hsae_jax.parallel.encoder import sharded_topk_encode
 from hsae_jax.parallel.mesh import Axes
@@ -62,13 +68,15 @@ def local_fired(axes: Axes, indices, vals, f_local: int) -> jax.Array:
 
 
 def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
-                     kernels: KernelSettings):
+                     kernels: KernelSettings, *, with_auxk: bool = True):
     """(loss, aux) of this device's rows x [B/d, D], like :func:`hsae_jax.model.sae_loss`.
 
     The loss is the same on every device of ``model`` and its mean over ``data`` is the
     global batch's; so is the mean of every gradient over ``data`` (``b_dec``'s included:
     its per-device shares are summed over ``model`` here). aux: recon_loss, auxk_loss, l0,
-    fired [F/m] (this device's latents), num_dead (global).
+    fired [F/m] (this device's latents), num_dead (global), vals and indices [B/d, K] (the
+    merged selection). ``with_auxk=False`` leaves AuxK out (:func:`sharded_sae_loss_and_grads`
+    adds it separately).
     """
     b_dec = grad_psum(params["b_dec"], axes.model)
     xs = scale_inputs(stats, x)
@@ -86,7 +94,7 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
         recon_loss = sum_over(recon_loss, axes.model) / axes.model
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
     auxk = jnp.float32(0.0)
-    if cfg.auxk_coef > 0:
+    if cfg.auxk_coef > 0 and with_auxk:
         auxk = sharded_auxk_loss(cfg, axes, params, b_dec, xs, vals, indices, dead, kernels)
     aux = {
         "recon_loss": recon_loss,
@@ -94,5 +102,29 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
         "l0": jnp.mean(jnp.sum(vals > 0, axis=1).astype(jnp.float32)),
         "fired": local_fired(axes, indices, vals, dead.shape[0]),
         "num_dead": axes.psum_model(jnp.sum(dead)),
+        "vals": vals,
+        "indices": indices,
     }
     return recon_loss + cfg.auxk_coef * auxk, aux
+
+
+def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
+                               kernels: KernelSettings):
+    """((loss, aux), grads) of this device's rows and blocks: ``jax.value_and_grad`` of
+    :func:`sharded_sae_loss`, the way the step computes it: autodiff of everything but
+    AuxK, then AuxK's value and gradient added in place to the dead latents' rows only
+    (:func:`~hsae_jax.parallel.auxk.sharded_auxk_loss_and_add_grads`), so a step without
+    dead latents does no AuxK work (the backward of a switch would write zero gradients
+    and every bucket's saved residuals)."""
+    grad_fn = jax.value_and_grad(functools.partial(sharded_sae_loss, cfg, axes,
+                                                   kernels=kernels, with_auxk=False),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(params, stats, x)
+    if cfg.auxk_coef > 0:
+        dead = stats["tokens_since_fired"] >= cfg.dead_tokens
+        auxk, grads = sharded_auxk_loss_and_add_grads(
+            cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
+            grads, kernels)
+        loss = loss + cfg.auxk_coef * auxk
+        aux = {**aux, "auxk_loss": auxk}
+    return (loss, aux), grads

@@ -2,7 +2,8 @@
 
 The state (params, stats, optimizer state) is sharded as :mod:`hsae_jax.parallel.mesh`
 says and donated; the batch is split over ``data``. One step on each device: the loss
-and gradients of its rows on its blocks (:func:`sharded_sae_loss`), gradients averaged
+and gradients of its rows on its blocks (:func:`sharded_sae_loss_and_grads`: AuxK's
+gradient added in place to the dead latents' rows), gradients averaged
 over ``data``, :func:`~hsae_jax.parallel.optim.apply_gradients`, and its latents'
 dead-latent counters advanced. No device ever holds a whole [F, D] matrix, and on a
 one-device mesh the program holds no collective (every one is left out on an axis of
@@ -11,8 +12,6 @@ size 1).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from hsae_jax.kernel_settings import DEFAULT_KERNELS, KernelSettings
 from hsae_jax.model import MAX_DEAD_TOKENS, SAEConfig
-from hsae_jax.parallel.loss import sharded_sae_loss
+from hsae_jax.parallel.loss import sharded_sae_loss_and_grads
 from hsae_jax.parallel.mesh import DATA, Layout, tree_specs
 from hsae_jax.parallel.optim import apply_gradients
 
@@ -40,9 +39,7 @@ def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: 
     axes = layout.axes
 
     def local_step(params, stats, opt_state, x):
-        grad_fn = jax.value_and_grad(
-            functools.partial(sharded_sae_loss, cfg, axes, kernels=kernels), has_aux=True)
-        (loss, aux), grads = grad_fn(params, stats, x)
+        (loss, aux), grads = sharded_sae_loss_and_grads(cfg, axes, params, stats, x, kernels)
         grads = axes.pmean_data(grads)
         loss = axes.pmean_data(loss)
         params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads, loss)

@@ -80,9 +80,13 @@ def _layout(mesh_or_layout) -> Layout:
 def takes_replicated_step(tc: TrainConfig, mesh: Layout | Mesh) -> bool:
     """Whether the trainer runs :func:`make_replicated_step` for ``tc`` on ``mesh``: with
     nothing split over ``model``, float32 storage and no encoder row blocks (the step
-    measured on the H200), until the sharded step is measured there too."""
-    return (_layout(mesh).axes.model == 1 and tc.param_dtype == "float32"
-            and tc.adam_dtype == "float32" and tc.encoder_rows is None)
+    measured on the H200), until the sharded step is measured there too. The sharded step
+    computes the same update on such a mesh (tests/test_sharded_auxk.py); to make it the
+    only step, set ``replicated_while_model_is_one`` below to False (one line)."""
+    replicated_while_model_is_one = True  # False: the sharded step everywhere
+    return (replicated_while_model_is_one and _layout(mesh).axes.model == 1
+            and tc.param_dtype == "float32" and tc.adam_dtype == "float32"
+            and tc.encoder_rows is None)
 
 
 def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Layout | Mesh,
