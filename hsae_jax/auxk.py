@@ -22,8 +22,9 @@ Two entry points:
 - :func:`auxk_loss`: the value, differentiable (for a model's ``loss``);
 - :func:`auxk_loss_and_add_grads`: what the trainer calls after the main gradients: the
   value, and ``auxk_coef`` times its gradient added in place to the dead latents' rows of
-  the gradients, inside the same switch, so a step with no dead latent does nothing at
-  all and one with some touches only their rows.
+  the gradients, inside one ``lax.cond`` per bucket (one switch would make XLA copy the
+  [F, D] gradients in every branch), so a step with no dead latent does nothing at all
+  and one with some touches only their rows.
 ``auxk_loss_reference`` is the definition written plainly (the full encoder with the live
 latents masked off, then the TopK decoder loss); the tests check both against it.
 """
@@ -159,10 +160,19 @@ def auxk_loss_and_add_grads(cfg, params, xs, vals, indices, dead, grads,
     latent the gradients pass through untouched.
     """
     num_dead, which = _branch(dead, cfg)
-    branches = [lambda grads, *_: (jnp.float32(0.0), grads)] + [
-        functools.partial(_bucket_loss_and_grads, cfg, kernels, n)
-        for n in column_buckets(cfg.n_latents, cfg.auxk_max_fraction)]
-    return jax.lax.switch(which, branches, grads, params, xs, vals, indices, dead, num_dead)
+    buckets = column_buckets(cfg.n_latents, cfg.auxk_max_fraction)
+    which = jnp.minimum(which, len(buckets))  # more dead than the largest bucket: that one
+    loss = jnp.float32(0.0)
+    # one two-way cond per bucket rather than one switch: XLA then updates the gradients in
+    # place (through a switch whose branches scatter into them, or pass them through, it
+    # copies every [F, D] gradient first, even in the branch without dead latents)
+    for i, n in enumerate(buckets):
+        part, grads = jax.lax.cond(
+            which == i + 1, functools.partial(_bucket_loss_and_grads, cfg, kernels, n),
+            lambda grads, *_: (jnp.float32(0.0), grads),
+            grads, params, xs, vals, indices, dead, num_dead)
+        loss = loss + part
+    return loss, grads
 
 
 def auxk_loss_reference(cfg, params, xs, vals, indices, dead,

@@ -249,3 +249,18 @@ def test_the_compiled_sharded_step_holds_nothing_more_than_the_replicated_one():
     assert sharded_temp <= replicated_temp, (sharded_temp, replicated_temp)
     copies = [len(big.findall(hlo)) for hlo in (sharded_hlo, replicated_hlo)]
     assert copies[0] <= copies[1], copies
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "replicated"])
+def test_auxk_adds_no_copy_of_an_f_by_d_array_to_either_step(sharded):
+    """AuxK's buckets are one ``lax.cond`` each: through one ``lax.switch`` whose branches
+    scatter into the gradients, XLA copied both [F, D] gradients in every branch (the
+    no-dead one included); with AuxK on, the compiled step copies no more [F, D] arrays than
+    with AuxK off."""
+    big = re.compile(r"= f32\[4096,64\]\{1,0\} copy\(")
+    counts = []
+    for coef in (1 / 32, 0.0):
+        tc = config(n_latents=4096, d_model=64, batch_size=64, k=8, aux_k=None,
+                    auxk_coef=coef)
+        counts.append(len(big.findall(compiled(tc, sharded)[0])))
+    assert counts[0] <= counts[1], counts
