@@ -81,21 +81,29 @@ def _dead_rows(params, dead, columns: int):
     return latents, {**rows, "b_dec": params["b_dec"]}
 
 
+def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead) -> jax.Array:
+    """[B, n] float32 pre-activations of the columns ``w_enc`` [n, D] / ``b_enc`` [n] (the
+    encoder's arithmetic, :func:`hsae_jax.encoder.topk_encode`, on them only), -inf where
+    ``is_dead`` [n] is False (padding). xs [B, D] float32; b_dec [D], differentiable.
+
+    b_dec's gradient through ``xs - b_dec`` is -(sum_b d_pre[b]) @ w_enc: it is taken as one
+    mat-vec through a term that is exactly zero, instead of a [B, n] x [n, D] product summed
+    over B.
+    """
+    x = _cast(compute_dtype, xs)
+    xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
+    zero = jnp.dot(w_enc.astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
+    pre = jnp.dot(xc, _cast(compute_dtype, w_enc).T.astype(x.dtype),
+                  preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
+    return jnp.where(is_dead[None, :], pre - zero, -jnp.inf)
+
+
 def _loss_on_rows(cfg, kernels: KernelSettings, rows, xs, residual, is_dead, num_dead):
     """The AuxK loss from the dead latents' rows (W_enc [n, D], b_enc [n], W_dec [n, D]) and
     b_dec; ``is_dead`` [n] marks the real ones (the rest is padding)."""
     aux_k = cfg.resolved_aux_k
-    # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on these columns only
-    x = _cast(cfg.compute_dtype, xs)
-    b_dec = rows["b_dec"]
-    xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
-    # b_dec's gradient through xc is sum_b d_pre[b] @ W_enc: taken as one mat-vec through
-    # a term that is exactly zero, instead of a [B, n] x [n, D] product summed over B
-    zero = jnp.dot(rows["W_enc"].astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
-    pre = jnp.dot(xc, _cast(cfg.compute_dtype, rows["W_enc"]).T.astype(x.dtype),
-                  preferred_element_type=jnp.float32) + rows["b_enc"].astype(jnp.float32)
-    pre = pre - zero
-    pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
+    pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"],
+                              rows["b_dec"], is_dead)
     acts = jax.nn.relu(pre)
     if pre.shape[1] > aux_k:  # else every dead latent is among a token's top aux_k
         acts = jnp.where(top_k_mask(pre, aux_k, backend=kernels.backend, config=kernels.topk),

@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.auxk import BUCKET_DIVISORS, ROW_PARAMS, column_buckets
+from hsae_jax.auxk import BUCKET_DIVISORS, ROW_PARAMS, column_buckets, dead_preactivations
 from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
 from hsae_jax.parallel.mesh import MODEL, Axes
 from hsae_jax.sparse_rows import weighted_row_sum
@@ -131,16 +131,8 @@ def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, 
     """The AuxK loss from a bucket's rows (:func:`_bucket_rows`) and b_dec [D] (this
     device's share of its gradient); xs [B, D] this device's rows, residual [B, D/m]."""
     aux_k, d_model = cfg.resolved_aux_k, xs.shape[1]
-    # the encoder's arithmetic (hsae_jax.encoder.topk_encode) on the dead columns only
-    x = _cast(cfg.compute_dtype, xs)
-    xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
-    # b_dec's gradient through xc is -sum_b d_pre[b] @ W_enc: taken as one mat-vec through
-    # a term that is exactly zero, instead of a [B, n] x [n, D] product summed over B
-    zero = jnp.dot(rows["W_enc"].astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
-    pre = jnp.dot(xc, _cast(cfg.compute_dtype, rows["W_enc"]).T.astype(x.dtype),
-                  preferred_element_type=jnp.float32) + rows["b_enc"].astype(jnp.float32)
-    pre = pre - zero
-    pre = jnp.where(is_dead[None, :], pre, -jnp.inf)  # [B, n]; padding never contributes
+    pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"], b_dec,
+                              is_dead)  # [B, n]; padding never contributes
     winners = _winners(cfg, axes, kernels, pre)
     acts = jax.nn.relu(pre) if winners is None else jnp.where(winners, jax.nn.relu(pre), 0.0)
     w_dec = _cast(cfg.compute_dtype, _over_d(axes, rows["W_dec"])).astype(jnp.float32)
