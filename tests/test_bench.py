@@ -36,13 +36,21 @@ def test_trainer_loop_benchmark_smoke(tmp_path):
     out = tmp_path / "train.json"
     assert main(["bench", "--train", "--tiny", "--steps", "12", "--rows", "1024",
                  "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
-    runs = {r["run"]: r for r in json.loads(out.read_text())["runs"]}
+    payload = json.loads(out.read_text())
+    runs = {r["run"]: r for r in payload["runs"]}
     assert set(runs) == {"synthetic", "npy-float32", "npy-float16", "cache-float16",
                          "dead-auxk", "dead-no-auxk", "npy-float16-dead-auxk"}
     assert not [r for r in runs.values() if "error" in r]
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in runs.values())
-    for name in ("dead-auxk", "npy-float16-dead-auxk"):  # 10% of the latents held dead
-        assert runs[name]["dead_fraction"] >= 0.1 and runs[name]["auxk_loss"] > 0
+    # 12 steps logged every 4: the intervals ending at steps 8 and 12 (the first one holds
+    # compilation); the dead runs time steps 2..14 after their 1-step run: those ending at
+    # 8 and 12 (not the 1-step run's, not 2..4 with compilation, not 12..14 with evaluation)
+    assert {r["run"]: r["intervals"] for r in runs.values()} == dict.fromkeys(runs, 2)
+    f = payload["workload"]["n_latents"]
+    for name in ("dead-auxk", "dead-no-auxk", "npy-float16-dead-auxk"):  # 10% held dead
+        assert runs[name]["dead_fraction"] == round(0.1 * f) / f, runs[name]
+    for name in ("dead-auxk", "npy-float16-dead-auxk"):
+        assert runs[name]["auxk_loss"] > 0
     assert runs["dead-no-auxk"]["auxk_loss"] == 0
     assert (tmp_path / "work" / "cache-float16" / "manifest.json").exists()
 

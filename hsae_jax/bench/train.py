@@ -68,7 +68,7 @@ class TrainBenchSettings:
     @classmethod
     def tiny(cls, **overrides) -> TrainBenchSettings:
         base = dict(batch=64, n_latents=256, d_model=32, k=8, steps=24, log_every=4, rows=4096,
-                    dead_tokens=128, synthetic_features=64, synthetic_active=6.0)
+                    dead_tokens=100_000, synthetic_features=64, synthetic_active=6.0)
         return cls(**{**base, **overrides})
 
 
@@ -153,12 +153,18 @@ def kill_latents(run_dir: str, tc: TrainConfig, d_model: int, fraction: float) -
     return step
 
 
-def steady_tokens_per_s(run_dir: str) -> dict:
-    """Median tokens/s over the log intervals after the first (compilation), and more."""
+def steady_tokens_per_s(run_dir: str, after: int = 0) -> dict:
+    """Median tokens/s over the full log intervals of the steps after ``after`` (a resumed
+    run's first step), leaving out the first one (compilation) and a shorter last one (the
+    run's end off the log grid, which also holds the final evaluation), and more."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    logs = [r for r in records if "tokens_per_s" in r]
-    rates = [r["tokens_per_s"] for r in logs[1:]] or [logs[-1]["tokens_per_s"]]
+    logs = [r for r in records if "tokens_per_s" in r and r["step"] > after]
+    ends = [r["step"] for r in logs]
+    lengths = [b - a for a, b in zip([after, *ends[:-1]], ends, strict=True)]
+    full = max(lengths[1:], default=0)
+    rates = [r["tokens_per_s"] for r, n in zip(logs[1:], lengths[1:], strict=True)
+             if n == full] or [logs[-1]["tokens_per_s"]]
     return {"tokens_per_s": statistics.median(rates), "intervals": len(rates),
             "dead_fraction": logs[-1]["dead_fraction"],
             "auxk_loss": logs[-1]["auxk_loss"], "skipped_steps": logs[-1]["skipped_steps"]}
@@ -185,6 +191,7 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
             shutil.rmtree(run_dir)
         row = {"run": name}
         started = time.perf_counter()
+        start = 0  # the first timed step
         try:
             tc = TrainConfig.from_flat(**flat)
             if name in paths:
@@ -198,7 +205,7 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
                        log_every=s.log_every, progress=False, log=lambda *_: None)
             else:
                 train(tc, run_dir, progress=False, log=lambda *_: None)
-            row.update(steady_tokens_per_s(run_dir))
+            row.update(steady_tokens_per_s(run_dir, after=start))
             row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
         except Exception as err:  # noqa: BLE001 - one failure must not stop the table
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
