@@ -275,7 +275,10 @@ def judge(report: dict, args, local: bool) -> list[str]:
                         f"{phases['killed']['returncode']})")
     if "resumed" in phases and phases["resumed"]["returncode"] != 0:
         problems.append("the resumed run failed")
-    digests = report["digests"]
+    digests = report.get("digests", {})
+    if not problems and set(PHASES) <= set(phases) and not {"straight", "resumed"} <= set(
+            digests):  # a report without them (another soak.py) cannot be judged
+        problems.append("the reports hold no parameter digests of both runs to compare")
     if not problems and {"straight", "resumed"} <= set(digests):
         params = {"bitwise_equal": digests["straight"] == digests["resumed"]}
         if local:

@@ -80,3 +80,15 @@ def test_differing_parameters_fail_a_deterministic_soak(soak, tmp_path):
 def test_phases_must_be_a_whole_half(soak):
     with pytest.raises(SystemExit):
         soak.parse_args([*SIZE, "--phases", "resumed"])
+
+
+def test_a_merge_without_both_digests_is_no_pass(soak):
+    """Reports that lack a run's digests (written by another soak.py) cannot say the
+    parameters are equal: the verdict fails instead of passing with nothing compared."""
+    report = {"settings": {"deterministic": True}, "kill_step": 3,
+              "phases": {p: {"returncode": rc} for p, rc in
+                         (("straight", 0), ("killed", -9), ("resumed", 0))},
+              "digests": {"straight": {"W_enc": "aa"}}}
+    assert soak.judge(report, None, local=False) == [
+        "the reports hold no parameter digests of both runs to compare"]
+    assert "params" not in report
