@@ -106,22 +106,32 @@ def memory_stats() -> dict:
 
 
 def probed(source, log_every: int, path: str, kill_step: int | None):
-    """``source`` (same class, so evaluation picks the same batches) whose ``batch(step)``
-    records memory every ``log_every`` steps and SIGKILLs the process at ``kill_step``."""
+    """``source`` (same class, so evaluation picks the same batches) that records memory
+    every ``log_every`` steps and SIGKILLs the process at ``kill_step``, where the trainer
+    asks for batches: ``host_batch`` on the loader's threads for file sources (which read
+    a few steps ahead), else ``batch``."""
+
+    def probe(step):
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % log_every == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(),
+                                    **memory_stats()}) + "\n")
 
     class Probe(type(source)):
-        def batch(self, step):
-            if step == kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step % log_every == 0:
-                with open(path, "a") as f:
-                    f.write(json.dumps({"step": step, "time": time.time(),
-                                        **memory_stats()}) + "\n")
-            return super().batch(step)
+        if hasattr(source, "host_batch"):
+            def host_batch(self, step, *args, **kwargs):
+                probe(step)
+                return super().host_batch(step, *args, **kwargs)
+        else:
+            def batch(self, step):
+                probe(step)
+                return super().batch(step)
 
-    probe = copy.copy(source)
-    probe.__class__ = Probe
-    return probe
+    probed_source = copy.copy(source)
+    probed_source.__class__ = Probe
+    return probed_source
 
 
 def child(args) -> None:
@@ -275,6 +285,8 @@ def judge(report: dict, args, local: bool) -> list[str]:
                         f"{phases['killed']['returncode']})")
     if "resumed" in phases and phases["resumed"]["returncode"] != 0:
         problems.append("the resumed run failed")
+    elif "resumed" in phases and report.get("resumed_from") is None:
+        problems.append("the resumed run did not resume from a checkpoint")
     digests = report.get("digests", {})
     if not problems and set(PHASES) <= set(phases) and not {"straight", "resumed"} <= set(
             digests):  # a report without them (another soak.py) cannot be judged

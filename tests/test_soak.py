@@ -71,10 +71,20 @@ def test_differing_parameters_fail_a_deterministic_soak(soak, tmp_path):
     report = {"settings": {"deterministic": True}, "kill_step": 3,
               "phases": {p: {"returncode": rc} for p, rc in
                          (("straight", 0), ("killed", -9), ("resumed", 0))},
+              "resumed_from": 2,
               "digests": {"straight": {"W_enc": "aa"}, "resumed": {"W_enc": "ab"}}}
     assert soak.judge(report, None, local=False) == [
         "--deterministic, yet the parameters differ"]
     assert report["params"] == {"bitwise_equal": False}
+
+
+def test_a_resume_that_started_from_no_checkpoint_fails(soak):
+    report = {"settings": {"deterministic": True}, "kill_step": 3, "resumed_from": None,
+              "phases": {p: {"returncode": rc} for p, rc in
+                         (("straight", 0), ("killed", -9), ("resumed", 0))},
+              "digests": {"straight": {"W_enc": "aa"}, "resumed": {"W_enc": "aa"}}}
+    assert "the resumed run did not resume from a checkpoint" in soak.judge(report, None,
+                                                                             local=False)
 
 
 def test_phases_must_be_a_whole_half(soak):
@@ -85,10 +95,26 @@ def test_phases_must_be_a_whole_half(soak):
 def test_a_merge_without_both_digests_is_no_pass(soak):
     """Reports that lack a run's digests (written by another soak.py) cannot say the
     parameters are equal: the verdict fails instead of passing with nothing compared."""
-    report = {"settings": {"deterministic": True}, "kill_step": 3,
+    report = {"settings": {"deterministic": True}, "kill_step": 3, "resumed_from": 2,
               "phases": {p: {"returncode": rc} for p, rc in
                          (("straight", 0), ("killed", -9), ("resumed", 0))},
               "digests": {"straight": {"W_enc": "aa"}}}
     assert soak.judge(report, None, local=False) == [
         "the reports hold no parameter digests of both runs to compare"]
     assert "params" not in report
+
+
+def test_a_soak_on_an_activation_file_kills_and_resumes(soak, tmp_path):
+    """File sources are read on the loader's threads (``host_batch``): the kill happens
+    there too, a few steps early (the loader reads ahead), and the runs end equal."""
+    import numpy as np
+
+    data = tmp_path / "acts.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(4096, 8)).astype(np.float16))
+    out = tmp_path / "soak"
+    assert soak.main([*SIZE, "--steps", "12", "--save-every", "4", "--kill-step", "10",
+                      "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "soak.json").read_text())
+    assert report["phases"]["killed"]["returncode"] == -9
+    assert report["resumed_from"] in (4, 8) and report["problems"] == []
+    assert report["params"]["bitwise_equal"]
