@@ -55,6 +55,10 @@ class Encoder:
         values, indices = by_rows(select, xc, self.config.forward_rows)
         return jax.nn.relu(values), indices, xc
 
+    def backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
+        """(dx, dw_enc, db_enc, db_dec): :func:`encoder_backward`."""
+        return encoder_backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
+
     def weight_grad(self, indices, dpre, xc, f):
         """dW_enc [F, D] float32 from dpre [B, K] float32 and xc [B, D]."""
         if self.backend == "xla":
@@ -79,7 +83,10 @@ def _weight_grad_xla(indices, dpre, xc, f, chunk):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _encode(enc, x, w_enc, b_enc, b_dec):
+def sparse_encode(enc, x, w_enc, b_enc, b_dec):
+    """(vals, indices) of ``enc.forward``, differentiated by ``enc.backward`` from the
+    selected pairs only: ``enc`` is an :class:`Encoder` or another static object with
+    those two methods (the latent-sharded one of :mod:`hsae_jax.parallel.encoder`)."""
     vals, indices, _ = enc.forward(x, w_enc, b_enc, b_dec)
     return vals, indices
 
@@ -92,7 +99,7 @@ def _encode_fwd(enc, x, w_enc, b_enc, b_dec):
 def _encode_bwd(enc, saved, cotangents):
     indices, vals, xc, w_enc, b_enc, b_dec = saved
     dvals, _ = cotangents
-    return encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
+    return enc.backward(indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
 
 def scores(xc, w_enc, b_enc):
@@ -136,7 +143,7 @@ def encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
     )
 
 
-_encode.defvjp(_encode_fwd, _encode_bwd)
+sparse_encode.defvjp(_encode_fwd, _encode_bwd)
 
 
 def topk_encode(
@@ -184,7 +191,7 @@ def topk_encode(
                       preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
         values, indices = jax.lax.top_k(pre, k)
         return jax.nn.relu(values), indices
-    return _encode(enc, x, w_enc, b_enc, b_dec)
+    return sparse_encode(enc, x, w_enc, b_enc, b_dec)
 
 
 def make_encoder(k: int, *, backend: Backend = "auto", topk_config: TopKConfig | None = None,

@@ -15,11 +15,10 @@ the axis with :func:`~hsae_jax.parallel.collectives.grad_psum`). With m = 1 this
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 
-from hsae_jax.encoder.api import Encoder, by_rows, encoder_backward, scores
+from hsae_jax.encoder.api import Encoder, by_rows, encoder_backward, scores, sparse_encode
 from hsae_jax.parallel.collectives import merge_top_k
 from hsae_jax.parallel.mesh import Axes
 from hsae_jax.topk import top_k
@@ -50,27 +49,12 @@ class ShardedEncoder:
         values, indices = by_rows(select, xc, self.enc.config.forward_rows)
         return jax.nn.relu(values), indices, xc
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _encode(sharded, x, w_enc, b_enc, b_dec):
-    vals, indices, _ = sharded.forward(x, w_enc, b_enc, b_dec)
-    return vals, indices
-
-
-def _encode_fwd(sharded, x, w_enc, b_enc, b_dec):
-    vals, indices, xc = sharded.forward(x, w_enc, b_enc, b_dec)
-    return (vals, indices), (indices, vals, xc, w_enc, b_enc, b_dec)
-
-
-def _encode_bwd(sharded, saved, cotangents):
-    indices, vals, xc, w_enc, b_enc, b_dec = saved
-    dvals, _ = cotangents
-    if sharded.axes.model > 1:
-        indices = indices - sharded.offset(w_enc.shape[0])  # other blocks' latents: out of range
-    return encoder_backward(sharded.enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
-
-
-_encode.defvjp(_encode_fwd, _encode_bwd)
+    def backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
+        """The one-device backward on this block's pairs (other blocks' latents fall out
+        of range); db_dec is this block's share."""
+        if self.axes.model > 1:
+            indices = indices - self.offset(w_enc.shape[0])
+        return encoder_backward(self.enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
 
 def sharded_topk_encode(enc: Encoder, axes: Axes, x, w_enc, b_enc, b_dec):
@@ -78,4 +62,4 @@ def sharded_topk_encode(enc: Encoder, axes: Axes, x, w_enc, b_enc, b_dec):
     ``shard_map``. x [B, D] and b_dec [D] whole on every device; w_enc [F/m, D] and
     b_enc [F/m] this device's block. Differentiable in w_enc, b_enc, b_dec (this device's
     share of db_dec) and x."""
-    return _encode(ShardedEncoder(enc, axes), x, w_enc, b_enc, b_dec)
+    return sparse_encode(ShardedEncoder(enc, axes), x, w_enc, b_enc, b_dec)
