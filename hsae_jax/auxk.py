@@ -169,16 +169,28 @@ def auxk_loss_and_add_grads(cfg, params, xs, vals, indices, dead, grads,
     """
     num_dead, which = _branch(dead, cfg)
     buckets = column_buckets(cfg.n_latents, cfg.auxk_max_fraction)
-    which = jnp.minimum(which, len(buckets))  # more dead than the largest bucket: that one
+    return loss_and_grads_in_bucket(
+        which, buckets, functools.partial(_bucket_loss_and_grads, cfg, kernels), grads,
+        params, xs, vals, indices, dead, num_dead)
+
+
+def loss_and_grads_in_bucket(which, buckets: tuple[int, ...], bucket_loss_and_grads, grads,
+                             *args):
+    """(loss, grads) of ``bucket_loss_and_grads(n, grads, *args)`` for the bucket n that
+    ``which`` names: 0 none ((0, grads) untouched), i the i-th of ``buckets`` (beyond the
+    last: the last, more dead latents than it holds).
+
+    One two-way ``lax.cond`` per bucket rather than one ``lax.switch``: XLA then updates
+    the gradients in place (through a switch whose branches scatter into them, or pass them
+    through, it copies every [F, D] gradient first, even in the branch without dead
+    latents).
+    """
+    which = jnp.minimum(which, len(buckets))
     loss = jnp.float32(0.0)
-    # one two-way cond per bucket rather than one switch: XLA then updates the gradients in
-    # place (through a switch whose branches scatter into them, or pass them through, it
-    # copies every [F, D] gradient first, even in the branch without dead latents)
     for i, n in enumerate(buckets):
         part, grads = jax.lax.cond(
-            which == i + 1, functools.partial(_bucket_loss_and_grads, cfg, kernels, n),
-            lambda grads, *_: (jnp.float32(0.0), grads),
-            grads, params, xs, vals, indices, dead, num_dead)
+            which == i + 1, functools.partial(bucket_loss_and_grads, n),
+            lambda grads, *_: (jnp.float32(0.0), grads), grads, *args)
         loss = loss + part
     return loss, grads
 

@@ -37,7 +37,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hsae_jax.auxk import BUCKET_DIVISORS, ROW_PARAMS, column_buckets, dead_preactivations
+from hsae_jax.auxk import (
+    BUCKET_DIVISORS,
+    ROW_PARAMS,
+    column_buckets,
+    dead_preactivations,
+    loss_and_grads_in_bucket,
+)
 from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
 from hsae_jax.parallel.mesh import MODEL, Axes
 from hsae_jax.sparse_rows import weighted_row_sum
@@ -219,15 +225,6 @@ def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, 
     latent the gradients pass through untouched.
     """
     num_dead, buckets, which = _branch(cfg, axes, dead)
-    which = jnp.minimum(which, len(buckets))  # more dead than the largest bucket: that one
-    loss = jnp.float32(0.0)
-    # one two-way cond per bucket rather than one switch: XLA then updates the gradients in
-    # place (through a switch whose branches scatter into them, or pass them through, it
-    # copies every [F, D] gradient first, even in the branch without dead latents)
-    for i, n in enumerate(buckets):
-        part, grads = jax.lax.cond(
-            which == i + 1, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels, n),
-            lambda grads, *_: (jnp.float32(0.0), grads),
-            grads, params, xs, vals, indices, dead, num_dead)
-        loss = loss + part
-    return loss, grads
+    return loss_and_grads_in_bucket(
+        which, buckets, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels), grads,
+        params, xs, vals, indices, dead, num_dead)
