@@ -13,36 +13,33 @@ import os
 
 from hsae_jax.data.cache import is_cache, read_manifest
 from hsae_jax.io_utils import atomic_write_json
-from hsae_jax.model import load_model_files
+from hsae_jax.model import load_model_files, setting
 
 METRICS_KEY = "in_model"
 PLOT_NAME = "loss_recovered_vs_k.png"
 
 
-def _f(default, help: str):  # noqa: A002 - argparse's word
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class InModelEvalConfig:
-    model: str = _f(None, "causal LM: hub name or local folder (transformers)")
-    data: str = _f(None, "text to evaluate on: .txt (blank-line separated documents) or .jsonl")
-    text_field: str = _f("text", ".jsonl: the field holding the text")
-    layer: int | None = _f(None, "block L whose residual stream the SAE replaces (default: "
-                           "the run's harvest)")
-    hook: str | None = _f(None, "resid_post or resid_pre (default: the run's harvest, else "
-                          "resid_post)")
-    budgets: tuple[int, ...] | None = _f(None, "budgets k (default: 1, 2, 4, ... and K)")
-    contexts: int = _f(64, "contexts to evaluate on (the first ones of the text)")
-    context_length: int | None = _f(None, "tokens per context (default: the run's harvest, "
-                                    "else 128)")
-    skip_first: int | None = _f(None, "first positions of each context left alone and not "
-                                "scored (default: the run's harvest, else 0)")
-    batch_size: int = _f(4, "contexts per forward pass")
-    device: str = _f("auto", "torch device")
-    revision: str = _f("main", "hub revision of the model")
-    gguf_file: str | None = _f(None, "GGUF file inside the model folder")
-    model_dtype: str = _f("float32", "dtype of the model's weights")
+    model: str = setting(None, "causal LM: hub name or local folder (transformers)")
+    data: str = setting(None, "text to evaluate on: .txt (blank-line separated documents) or "
+                        ".jsonl")
+    text_field: str = setting("text", ".jsonl: the field holding the text")
+    layer: int | None = setting(None, "block L whose residual stream the SAE replaces (default: "
+                                "the run's harvest)")
+    hook: str | None = setting(None, "resid_post or resid_pre (default: the run's harvest, else "
+                               "resid_post)")
+    budgets: tuple[int, ...] | None = setting(None, "budgets k (default: 1, 2, 4, ... and K)")
+    contexts: int = setting(64, "contexts to evaluate on (the first ones of the text)")
+    context_length: int | None = setting(None, "tokens per context (default: the run's harvest, "
+                                         "else 128)")
+    skip_first: int | None = setting(None, "first positions of each context left alone and not "
+                                     "scored (default: the run's harvest, else 0)")
+    batch_size: int = setting(4, "contexts per forward pass")
+    device: str = setting("auto", "torch device")
+    revision: str = setting("main", "hub revision of the model")
+    gguf_file: str | None = setting(None, "GGUF file inside the model folder")
+    model_dtype: str = setting("float32", "dtype of the model's weights")
 
 
 def default_budgets(k: int) -> tuple[int, ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hsae_jax.model import setting
+
 HOOKS = ("resid_post", "resid_pre")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -14,45 +16,42 @@ STATIC_KEYS = ("model", "revision", "gguf_file", "tokenizer", "layer", "hook", "
                "max_contexts", "model_dtype")
 
 
-def _f(default, help: str):  # noqa: A002 - argparse's word
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class HarvestConfig:
     # where from
-    model: str = _f(None, "Hugging Face model: hub name (e.g. HuggingFaceTB/SmolLM2-135M) or "
-                    "local folder")
-    revision: str = _f("main", "hub revision (branch, tag or commit) of the model")
-    gguf_file: str | None = _f(None, "load this GGUF file of the model folder (needs gguf)")
-    tokenizer: str | None = _f(None, "tokenizer name or folder (default: the model's)")
-    layer: int = _f(None, "block index L (0-based): resid_post is the output of block L")
-    hook: str = _f("resid_post", "resid_post (output of block L) or resid_pre (its input)")
+    model: str = setting(None, "Hugging Face model: hub name (e.g. HuggingFaceTB/SmolLM2-135M) or "
+                         "local folder")
+    revision: str = setting("main", "hub revision (branch, tag or commit) of the model")
+    gguf_file: str | None = setting(None, "load this GGUF file of the model folder (needs gguf)")
+    tokenizer: str | None = setting(None, "tokenizer name or folder (default: the model's)")
+    layer: int = setting(None, "block index L (0-based): resid_post is the output of block L")
+    hook: str = setting("resid_post", "resid_post (output of block L) or resid_pre (its input)")
     # text
-    data: str | None = _f(None, "local text: a .txt file (documents separated by blank lines) "
-                          "or a .jsonl file (one JSON object per line)")
-    dataset: str | None = _f(None, "a `datasets` dataset (hub name or local folder) instead "
-                             "of --data; read streaming")
-    dataset_config: str | None = _f(None, "the dataset's configuration name")
-    split: str = _f("train", "the dataset's split")
-    text_field: str = _f("text", "field holding the text (.jsonl and datasets)")
+    data: str | None = setting(None, "local text: a .txt file (documents separated by blank lines) "
+                               "or a .jsonl file (one JSON object per line)")
+    dataset: str | None = setting(None, "a `datasets` dataset (hub name or local folder) instead "
+                                  "of --data; read streaming")
+    dataset_config: str | None = setting(None, "the dataset's configuration name")
+    split: str = setting("train", "the dataset's split")
+    text_field: str = setting("text", "field holding the text (.jsonl and datasets)")
     # contexts
-    context_length: int = _f(128, "tokens per context window")
-    prepend_bos: bool | None = _f(None, "start each context with the BOS (or CLS) token "
-                                  "(default: when the tokenizer has one)")
-    skip_special: bool = _f(True, "write no rows for special tokens (BOS, EOS, pad, CLS, ...)")
-    skip_first: int = _f(0, "write no rows for the first N positions of each context")
-    max_contexts: int | None = _f(None, "stop after this many contexts (default: all text)")
+    context_length: int = setting(128, "tokens per context window")
+    prepend_bos: bool | None = setting(None, "start each context with the BOS (or CLS) token "
+                                       "(default: when the tokenizer has one)")
+    skip_special: bool = setting(True, "write no rows for special tokens (BOS, EOS, pad, CLS, ...)")
+    skip_first: int = setting(0, "write no rows for the first N positions of each context")
+    max_contexts: int | None = setting(None, "stop after this many contexts (default: all text)")
     # running
-    batch_size: int = _f(16, "contexts per forward pass")
-    device: str = _f("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1 ...")
-    model_dtype: str = _f("float32", "dtype of the model's weights: float32, bfloat16, float16")
+    batch_size: int = setting(16, "contexts per forward pass")
+    device: str = setting("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1 ...")
+    model_dtype: str = setting("float32", "dtype of the model's weights: float32, bfloat16, "
+                               "float16")
     # the cache
-    out: str = _f(None, "cache directory to write (resumed when it holds an incomplete "
-                  "harvest with the same settings)")
-    dtype: str = _f("float16", "cache dtype: float16, bfloat16 or float32")
-    rows_per_shard: int = _f(65536, "rows per shard file")
-    overwrite: bool = _f(False, "replace a complete (or different) cache in --out")
+    out: str = setting(None, "cache directory to write (resumed when it holds an incomplete "
+                       "harvest with the same settings)")
+    dtype: str = setting("float16", "cache dtype: float16, bfloat16 or float32")
+    rows_per_shard: int = setting(65536, "rows per shard file")
+    overwrite: bool = setting(False, "replace a complete (or different) cache in --out")
 
     def validate(self, *, callable_model: bool = False, documents: bool = False) -> None:
         """Raises ValueError naming the first bad setting (before any work).
