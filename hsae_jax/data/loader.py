@@ -37,8 +37,6 @@ def _prepare(batch) -> tuple[jax.Array, bool]:
         return converted, bool(finite)
     done = [_float32_and_finite(shard.data) for shard in shards]
     finite = all(bool(ok) for _, ok in done)
-    if batch.dtype == jnp.float32:
-        return batch, finite
     return jax.make_array_from_single_device_arrays(
         batch.shape, batch.sharding, [converted for converted, _ in done]), finite
 
