@@ -37,8 +37,12 @@ def read_json(path: str, what: str) -> dict:
         return json.load(f)
 
 
-def read_safetensors(path: str, what: str) -> dict[str, np.ndarray]:
-    """All tensors of ``path`` as float32 numpy arrays (bfloat16/float16 upcast)."""
+def read_safetensors(path: str, what: str, expected: set[str] | None = None,
+                     expected_is: str = "") -> dict[str, np.ndarray]:
+    """All tensors of ``path`` as float32 numpy arrays (bfloat16/float16 upcast).
+
+    ``expected``: the tensor names the file must hold, exactly (a ValueError naming both
+    lists and ``expected_is``, what such a file is, otherwise)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {what}")
     from safetensors import safe_open
@@ -53,6 +57,9 @@ def read_safetensors(path: str, what: str) -> dict[str, np.ndarray]:
         from safetensors.torch import load_file
 
         out = {n: t.to(torch.float32).numpy() for n, t in load_file(path).items()}
+    if expected is not None and set(out) != expected:
+        raise ValueError(f"{path}: tensors {sorted(out)}, expected {sorted(expected)} "
+                         f"({expected_is})")
     return out
 
 

@@ -109,11 +109,9 @@ def read_saelens(path: str) -> tuple[int, dict, dict]:
             "the normalisation into the weights with SAELens first)")
     if cfg.get("finetuning_scaling_factor"):
         raise ValueError(f"{path}: finetuning_scaling_factor=True cannot be represented")
-    tensors = _files.read_safetensors(os.path.join(path, WEIGHTS), "SAELens weights")
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
-    if set(tensors) != expected:
-        raise ValueError(f"{path}/{WEIGHTS}: tensors {sorted(tensors)}, expected "
-                         f"{sorted(expected)} (a TopK SAE without extra parameters)")
+    tensors = _files.read_safetensors(
+        os.path.join(path, WEIGHTS), "SAELens weights", {"W_enc", "b_enc", "W_dec", "b_dec"},
+        "a TopK SAE without extra parameters")
     w_enc = tensors["W_enc"].astype(np.float64)  # [D, F]
     b_enc = tensors["b_enc"].astype(np.float64)
     w_dec = tensors["W_dec"].astype(np.float64)  # [F, D]
