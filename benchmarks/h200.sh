@@ -29,6 +29,7 @@
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
+#   "py:ARGS"     python3 with ARGS (separated by ';'), e.g. "py:benchmarks/shard_h200.py;--mode;step"
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/hsae-out}
@@ -102,6 +103,8 @@ for step in "$@"; do
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"
       python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
+    py:*) IFS=';' read -ra a <<<"${step#py:}"
+      python3 "${a[@]}" 2>&1 | tee -a "$OUT/py.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

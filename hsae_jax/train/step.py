@@ -83,7 +83,7 @@ def takes_replicated_step(tc: TrainConfig, mesh: Layout | Mesh) -> bool:
     measured on the H200), until the sharded step is measured there too. The sharded step
     computes the same update on such a mesh (tests/test_sharded_auxk.py); to make it the
     only step, set ``replicated_while_model_is_one`` below to False (one line)."""
-    replicated_while_model_is_one = True  # False: the sharded step everywhere
+    replicated_while_model_is_one = False  # True: the replicated step where model=1
     return (replicated_while_model_is_one and _layout(mesh).axes.model == 1
             and tc.param_dtype == "float32" and tc.adam_dtype == "float32"
             and tc.encoder_rows is None)
