@@ -72,10 +72,17 @@ def _normalized(err, residual, num_dead, aux_k):
     return jnp.where(variance > 0, scale * err / variance, 0.0)
 
 
+def distinct_padding(indices: jax.Array, f: int) -> jax.Array:
+    """``indices`` [n] with each one >= f (padding) replaced by f + its position: off the
+    end of [0, f) and all distinct, so a scatter onto them can say ``unique_indices``
+    (which a GPU runs without atomics, and XLA's deterministic mode leaves as it is)."""
+    return jnp.where(indices < f, indices, f + jnp.arange(indices.shape[0], dtype=indices.dtype))
+
+
 def _dead_rows(params, dead, columns: int):
-    """(latents [n] ascending, padded with F; their rows of W_enc, b_enc, W_dec; b_dec)."""
+    """(latents [n] ascending, padded past F; their rows of W_enc, b_enc, W_dec; b_dec)."""
     f = params["W_enc"].shape[0]
-    latents = jnp.nonzero(dead, size=columns, fill_value=f)[0]
+    latents = distinct_padding(jnp.nonzero(dead, size=columns, fill_value=f)[0], f)
     rows = {name: jnp.take(params[name], latents, axis=0, mode="fill", fill_value=0)
             for name in ROW_PARAMS}
     return latents, {**rows, "b_dec": params["b_dec"]}
@@ -131,7 +138,7 @@ def _bucket_loss_and_grads(cfg, kernels, columns, grads, params, xs, vals, indic
     grads = dict(grads)
     for name in ROW_PARAMS:  # padding rows (latent F) fall off the end
         grads[name] = grads[name].at[latents].add(d[name].astype(grads[name].dtype),
-                                                  mode="drop")
+                                                  mode="drop", unique_indices=True)
     grads["b_dec"] = grads["b_dec"] + d["b_dec"].astype(grads["b_dec"].dtype)
     return loss, grads
 

@@ -12,10 +12,10 @@ Plain autodiff would push a dense [B, F] gradient through the matmul (two [B, F]
     db_dec    = -(db_enc @ W_enc)                  (= -sum_b dxc[b], without dxc)
     dx        = dxc[b] = sum_j dpre[b, j] * W_enc[indices[b, j]]
 
-dW_enc is a segment sum over the pairs sorted by latent (a Triton kernel, or a
-scatter-add on the xla backend); dx is a separate gather that XLA drops when the
-caller does not differentiate with respect to x (training never does). Results equal
-the dense gradient (tests check it).
+dW_enc and db_enc are segment sums over the pairs sorted by latent (one Triton kernel,
+bitwise reproducible; scatter-adds on the xla backend); dx is a separate gather that XLA
+drops when the caller does not differentiate with respect to x (training never does).
+Results equal the dense gradient (tests check it).
 """
 
 from __future__ import annotations
@@ -60,12 +60,16 @@ class Encoder:
         return encoder_backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
     def weight_grad(self, indices, dpre, xc, f):
-        """dW_enc [F, D] float32 from dpre [B, K] float32 and xc [B, D]."""
+        """(dW_enc [F, D], db_enc [F]) float32 from dpre [B, K] float32 and xc [B, D]. On
+        the kernel backends both are per-latent sums in pair order (bitwise reproducible);
+        on xla, scatter-adds (run to run the same on a CPU, not on a GPU)."""
         if self.backend == "xla":
-            return _weight_grad_xla(indices, dpre, xc, f, self.config.xla_chunk)
+            db_enc = jnp.zeros((f,), jnp.float32).at[safe_indices(indices, f).reshape(-1)].add(
+                dpre.reshape(-1), mode="drop")
+            return _weight_grad_xla(indices, dpre, xc, f, self.config.xla_chunk), db_enc
         return segment_row_sums(
             indices.reshape(-1), dpre.reshape(-1), xc, f, pairs_per_row=indices.shape[1],
-            backend=self.backend, config=self.config.segment_sum)
+            backend=self.backend, config=self.config.segment_sum, with_coef_sums=True)
 
 
 def _weight_grad_xla(indices, dpre, xc, f, chunk):
@@ -128,9 +132,7 @@ def encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
     latent another block holds and adds nothing here (db_dec is then this block's share)."""
     dpre = jnp.where(vals > 0, dvals, 0).astype(jnp.float32)  # ReLU
     f = w_enc.shape[0]
-    dweight = enc.weight_grad(indices, dpre, xc, f)
-    db_enc = jnp.zeros((f,), jnp.float32).at[safe_indices(indices, f).reshape(-1)].add(
-        dpre.reshape(-1), mode="drop")
+    dweight, db_enc = enc.weight_grad(indices, dpre, xc, f)
     db_dec = -jnp.dot(db_enc, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     # dx: XLA drops this gather unless the caller differentiates with respect to x
     dxc = weighted_row_sum(w_enc, indices, dpre, enc.config.xla_chunk,

@@ -42,6 +42,7 @@ from hsae_jax.auxk import (
     ROW_PARAMS,
     column_buckets,
     dead_preactivations,
+    distinct_padding,
     loss_and_grads_in_bucket,
 )
 from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
@@ -116,17 +117,18 @@ def _bucket_rows(axes: Axes, params, dead, columns: int):
     rows, where) with rows W_enc [n, D], b_enc [n] (its columns' rows) and W_dec
     [m·n, D/m] (its D block of every device's columns' rows, device by device), and
     where = (local latents [n], global W_dec rows [m·n]) they are in the blocks (padding:
-    F/m and F, off the end); None for the every-column bucket, whose rows are the blocks
-    themselves (no gathered copies)."""
+    from F/m and from F on, off the end and distinct); None for the every-column bucket,
+    whose rows are the blocks themselves (no gathered copies)."""
     f_local = dead.shape[0]
     if columns == f_local:
         return dead, {name: params[name] for name in ROW_PARAMS}, None
-    latents = jnp.nonzero(dead, size=columns, fill_value=f_local)[0]  # [n] ascending
-    is_dead = latents < f_local
+    latents = distinct_padding(jnp.nonzero(dead, size=columns, fill_value=f_local)[0], f_local)
+    is_dead = latents < f_local  # [n] ascending
     f = params["W_dec"].shape[0]
     wanted = jnp.where(is_dead, latents + axes.model_index() * f_local, f)  # global; f: none
     if axes.model > 1:
         wanted = jax.lax.all_gather(wanted, MODEL, axis=0, tiled=True)  # [m * n]: each device's
+    wanted = distinct_padding(wanted, f)
     rows = {"W_enc": jnp.take(params["W_enc"], latents, axis=0, mode="fill", fill_value=0),
             "b_enc": jnp.take(params["b_enc"], latents, mode="fill", fill_value=0),
             "W_dec": jnp.take(params["W_dec"], wanted, axis=0, mode="fill", fill_value=0)}
@@ -177,7 +179,7 @@ def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals,
             grads[name] = grads[name] + g
         else:  # padding rows (F/m, F) fall off the end
             at = where[1] if name == "W_dec" else where[0]
-            grads[name] = grads[name].at[at].add(g, mode="drop")
+            grads[name] = grads[name].at[at].add(g, mode="drop", unique_indices=True)
     d_b_dec = axes.psum_model(d_b_dec)  # this device's columns' share, summed
     grads["b_dec"] = grads["b_dec"] + d_b_dec.astype(grads["b_dec"].dtype)
     return loss, grads

@@ -26,6 +26,7 @@ import time
 
 import jax
 
+from hsae_jax import xla_determinism
 from hsae_jax.data import eval_batches
 from hsae_jax.data.loader import Prefetcher
 from hsae_jax.io_utils import atomic_write, atomic_write_json
@@ -185,6 +186,8 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     were skipped as non-finite (``tc.max_skipped_fraction``) or the final FVU is not
     finite.
     """
+    if tc.deterministic:  # before anything starts JAX's backend
+        xla_determinism.request(log)
     tc = resolve_paths(tc)
     distributed.initialize(tc.coordinator, tc.num_processes, tc.process_id)
     source = source or tc.open_source()
