@@ -36,7 +36,7 @@ from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.parallel import MeshShape, make_layout
 from hsae_jax.parallel.state import init_state
 from hsae_jax.train import TrainConfig
-from hsae_jax.train.step import make_optimizer, make_train_step, takes_replicated_step
+from hsae_jax.train.step import make_optimizer, make_train_step
 
 
 def parse_args(argv=None):
@@ -109,8 +109,7 @@ class Trainer:
         cfg = dataclasses.replace(tc.sae, d_model=sample.shape[1])
         tx = make_optimizer(tc, self.layout)
         self.state = init_state(self.layout, cfg, tx, tc.seed, sample)
-        self.step = make_train_step(cfg, tx, self.layout, tc.kernels(),
-                                    replicated=takes_replicated_step(tc, self.layout))
+        self.step = make_train_step(cfg, tx, self.layout, tc.kernels())
 
     def __call__(self, x):
         s = self.state

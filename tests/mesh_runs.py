@@ -33,7 +33,6 @@ from hsae_jax.train.step import (
     make_optimizer,
     make_replicated_step,
     make_train_step,
-    takes_replicated_step,
 )
 
 MESHES = ("data=1,model=1", "data=8,model=1", "data=2,model=4", "data=1,model=8")
@@ -314,8 +313,7 @@ def reshard(work: str) -> None:
                     for k, v in {**state["params"], **state["stats"]}.items()})
         if shape == "data=2,model=4":
             continue
-        step = make_train_step(tc.sae, tx, layout, tc.kernels(),  # the step train() takes
-                               replicated=takes_replicated_step(tc, layout))
+        step = make_train_step(tc.sae, tx, layout, tc.kernels())  # the step train() takes
         source = tc.open_source()
         params, stats, opt_state = state["params"], state["stats"], state["opt_state"]
         for i in range(3, 6):

@@ -39,7 +39,6 @@ from hsae_jax.train.step import (
     make_mesh,
     make_optimizer,
     make_train_step,
-    takes_replicated_step,
 )
 
 STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-bf16", "naive-jax", "torch")
@@ -75,8 +74,7 @@ def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
     cfg = tc.sae
     tx = make_optimizer(tc)
     mesh = make_mesh(1)  # the step the trainer takes for these settings on one device
-    step = make_train_step(cfg, tx, mesh, tc.kernels(),
-                           replicated=takes_replicated_step(tc, mesh))
+    step = make_train_step(cfg, tx, mesh, tc.kernels())
     params, stats = init_arrays(cfg, jax.random.key(0))
     dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
     stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)

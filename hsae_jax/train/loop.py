@@ -50,7 +50,6 @@ from hsae_jax.train.step import (
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
-    takes_replicated_step,
 )
 
 __all__ = ["RESUMABLE_CHANGES", "read_records", "resume", "train"]
@@ -239,8 +238,7 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
                                 kernels=kernels)
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
-    step_fn = make_train_step(cfg, tx, layout, kernels, replicated=takes_replicated_step(tc,
-                                                                                     layout))
+    step_fn = make_train_step(cfg, tx, layout, kernels)
     share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
     batches = Prefetcher(source, range(start, tc.steps),
                          lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,

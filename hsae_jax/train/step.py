@@ -37,7 +37,7 @@ from hsae_jax.train.config import TrainConfig
 AXIS = "data"
 __all__ = ["MAX_TOKENS_SINCE_FIRED", "apply_gradients", "learning_rate_schedule", "make_mesh",
            "make_optimizer", "make_replicated_step", "make_train_step", "replicate",
-           "shard_batch", "takes_replicated_step"]
+           "shard_batch"]
 
 
 def learning_rate_schedule(tc: TrainConfig):
@@ -77,23 +77,12 @@ def _layout(mesh_or_layout) -> Layout:
     return mesh_or_layout if isinstance(mesh_or_layout, Layout) else Layout(mesh_or_layout)
 
 
-def takes_replicated_step(tc: TrainConfig, mesh: Layout | Mesh) -> bool:
-    """Whether the trainer runs :func:`make_replicated_step` for ``tc`` on ``mesh``: with
-    nothing split over ``model``, float32 storage and no encoder row blocks (the step
-    measured on the H200), until the sharded step is measured there too. The sharded step
-    computes the same update on such a mesh (tests/test_sharded_auxk.py); to make it the
-    only step, set ``replicated_while_model_is_one`` below to False (one line)."""
-    replicated_while_model_is_one = False  # True: the replicated step where model=1
-    return (replicated_while_model_is_one and _layout(mesh).axes.model == 1
-            and tc.param_dtype == "float32" and tc.adam_dtype == "float32"
-            and tc.encoder_rows is None)
-
-
 def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Layout | Mesh,
                     kernels: KernelSettings = DEFAULT_KERNELS, *, replicated: bool = False):
     """``jit(shard_map(step))`` on ``mesh`` (a :class:`Layout`, a ("data", "model") mesh or
-    a 1-D "data" mesh): :func:`make_replicated_step` with ``replicated`` (needs nothing on
-    ``model``), else :func:`hsae_jax.parallel.make_sharded_step`."""
+    a 1-D "data" mesh): :func:`hsae_jax.parallel.make_sharded_step`, the trainer's step on
+    every mesh (on one H200 within 1% of the replicated one); ``replicated``:
+    :func:`make_replicated_step`, the reference the tests compare it with (model=1 only)."""
     layout = _layout(mesh)
     if replicated:
         if layout.axes.model != 1:
