@@ -6,7 +6,8 @@ Three training processes (this script with ``--phase``), one after another:
    process sends itself SIGKILL when it asks for the batch of step ``--kill-step`` (before
    that step runs; a loader that reads ahead kills a few steps earlier);
 3. ``resumed``: ``hsae train --resume OUT/killed`` (the library's :func:`resume`), which
-   continues from the newest checkpoint.
+   continues from the newest complete checkpoint (checkpoints are written in the
+   background: one whose write the kill interrupted is skipped).
 Each process records, once per log interval, the device's memory (``memory_stats()``,
 where the platform has it) beside the run's own records (tokens/s); the parent then
 compares the final parameters of the two runs: bitwise equality is expected with

@@ -11,8 +11,11 @@ import os
 import pytest
 
 SOAK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "soak.py")
-SIZE = ["--steps", "6", "--save-every", "2", "--kill-step", "3", "--d-model", "8",
+SIZE = ["--steps", "8", "--save-every", "2", "--kill-step", "5", "--d-model", "8",
         "--n-latents", "16", "--k", "4", "--batch-size", "16"]
+# Checkpoints are written in the background: the one of step 4 may still be unfinished
+# when step 5 kills the run, which then resumes from step 2's (the newest complete one).
+RESUMED_FROM = (2, 4)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +35,16 @@ def test_soak_smoke(soak, tmp_path):
     assert soak.main([*SIZE, "--out", str(out)]) == 0
     report = json.loads((out / "soak.json").read_text())
     assert report["phases"]["killed"]["returncode"] == -9
-    assert report["resumed_from"] == 2 and report["problems"] == []
+    start = report["resumed_from"]
+    assert start in RESUMED_FROM and report["problems"] == []
     assert report["params"]["bitwise_equal"]  # the xla backend on a CPU is deterministic
     assert report["digests"]["straight"] == report["digests"]["resumed"]
     assert set(report["digests"]["straight"]) == {"W_dec", "W_enc", "b_dec", "b_enc"}
-    assert [r["step"] for r in report["records"]["straight"] if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in report["records"]["resumed"] if "loss" in r] == [3, 4, 5, 6]
+    assert [r["step"] for r in report["records"]["straight"] if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in report["records"]["resumed"] if "loss" in r] == list(
+        range(start + 1, 9))
     assert all(r["tokens_per_s"] > 0 for r in report["records"]["resumed"] if "loss" in r)
-    assert {r["step"] for r in report["memory"]["straight"]} == set(range(6))
+    assert {r["step"] for r in report["memory"]["straight"]} == set(range(8))
     assert is_png(out / "soak.png")
 
 
@@ -54,7 +59,7 @@ def test_a_soak_split_over_two_calls_merges_into_one_verdict(soak, tmp_path):
                       "--out", str(merged)]) == 0
     report = json.loads((merged / "soak.json").read_text())
     assert report["params"] == {"bitwise_equal": True} and report["problems"] == []
-    assert report["resumed_from"] == 2
+    assert report["resumed_from"] in RESUMED_FROM
     assert is_png(merged / "soak.png")
 
 
@@ -112,9 +117,10 @@ def test_a_soak_on_an_activation_file_kills_and_resumes(soak, tmp_path):
     data = tmp_path / "acts.npy"
     np.save(data, np.random.default_rng(0).normal(size=(4096, 8)).astype(np.float16))
     out = tmp_path / "soak"
-    assert soak.main([*SIZE, "--steps", "12", "--save-every", "4", "--kill-step", "10",
+    assert soak.main([*SIZE, "--steps", "16", "--save-every", "4", "--kill-step", "14",
                       "--data", str(data), "--out", str(out)]) == 0
     report = json.loads((out / "soak.json").read_text())
     assert report["phases"]["killed"]["returncode"] == -9
-    assert report["resumed_from"] in (4, 8) and report["problems"] == []
+    # the save of step 8 waited for step 4's write: at least that one is complete
+    assert report["resumed_from"] in (4, 8, 12) and report["problems"] == []
     assert report["params"]["bitwise_equal"]

@@ -1,8 +1,12 @@
-"""Training-state checkpoints: orbax, synchronous, the last few kept.
+"""Training-state checkpoints: orbax, written in the background, the last few kept.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a run killed at any moment leaves the previous checkpoint loadable and a partial
-one is never picked up. A complete checkpoint that no longer reads (a damaged disk, a
+A save blocks only while the state is copied off the device (the step donates its
+buffers, so the copy must be made before the next step); orbax writes the files on a
+background thread while training goes on, and the next save, :meth:`Checkpointer.wait`
+or :meth:`Checkpointer.close` waits for it and raises its error if it failed. Orbax
+writes each checkpoint into a temporary directory and renames it when complete, so a
+run killed at any moment leaves the previous checkpoint loadable and a partial one is
+never picked up. A complete checkpoint that no longer reads (a damaged disk, a
 file truncated by hand) is skipped: :meth:`Checkpointer.restore_newest` falls back to
 the newest one that restores and says which were skipped and why;
 :meth:`Checkpointer.set_aside` moves those out of the way (never deletes them).
@@ -49,22 +53,33 @@ def _interrupts_deferred():
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, max_to_keep: int = 2, create: bool = True):
+    """``background``: saves return once the state is off the device (False: once the
+    files are written)."""
+
+    def __init__(self, run_dir: str, max_to_keep: int = 2, create: bool = True,
+                 background: bool = True):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                                 enable_async_checkpointing=False),
+                                                 enable_async_checkpointing=background),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """Saves ``step`` and waits for it; a Ctrl-C meanwhile lets the save finish first."""
+        """Saves ``step``: waits for the previous save (raising its error), copies
+        ``state`` off the device and returns while the files are written in the
+        background. A Ctrl-C meanwhile lets the copy finish first."""
         with _interrupts_deferred():
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        """Waits until the last save is written (raising its error, if it failed); a
+        Ctrl-C meanwhile lets it finish first."""
+        with _interrupts_deferred():
             self.manager.wait_until_finished()
 
     def meta(self, step: int | None = None) -> dict:
@@ -137,4 +152,8 @@ class Checkpointer:
         return target
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the last save (raising its error, if it failed) and closes."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
