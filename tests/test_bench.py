@@ -26,6 +26,15 @@ def test_step_benchmark_smoke(tmp_path):
     payload = json.loads(out.read_text())
     assert {r["impl"] for r in payload["steps"]} == {"hsae", "hsae-auxk", "naive-jax"}
     assert all(r["tokens_per_s"] > 0 for r in payload["steps"])
+    # memory, the same quantities for every row: the state kept between steps (parameters
+    # and both Adam moments, plus small counters) and what a step needs beyond it
+    w = payload["workload"]
+    b, f, d = w["batch"], w["n_latents"], w["d_model"]
+    param_bytes = (2 * f * d + f + d) * 4
+    for row in payload["steps"]:
+        assert 3 * param_bytes <= row["state_bytes"] <= 3 * param_bytes + 16 * f, row
+        assert row["extra_bytes"] > 0, row
+        assert row["total_bytes"] == row["state_bytes"] + row["extra_bytes"] + b * d * 4
     assert {"encoder matmul", "top-k hsae", "clip + Adam update", "loss and gradients (trainer)",
             "after-gradient tail (trainer)"} <= {
         p["piece"] for p in payload["pieces"]}

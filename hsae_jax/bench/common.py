@@ -36,6 +36,25 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iters: int,
     }
 
 
+def tree_bytes(tree) -> int:
+    """Bytes held by the arrays of ``tree``."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))
+
+
+def compiled_extra_bytes(jitted, *args) -> int | None:
+    """Device bytes a call of ``jitted(*args)`` needs beyond its arguments, by XLA's plan
+    of the compiled program: temporaries plus outputs not aliased to (donated) arguments.
+    None where the backend does not report it."""
+    try:
+        stats = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - a figure missing from a table, not a failure
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 10) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read plus written."""
     x = jnp.ones((nbytes // 4,), jnp.float32)

@@ -11,6 +11,12 @@ Steps timed at (B, F, D) for each K, side by side in one process:
 - ``torch``: PyTorch with ``torch.topk``, the seed's own kernel and fused Adam (with
   ``seed_module`` and a CUDA torch).
 
+Memory, the same two figures for every row: ``state_bytes``, the training state the
+step keeps between calls (parameters, optimizer state, dead-latent counters), and
+``extra_bytes``, what one step needs on top of that state and the batch: XLA's plan of
+the compiled step for the JAX rows (temporaries plus outputs not aliased to donated
+inputs), the allocator's peak over a warm step for torch.
+
 Pieces (``pieces=True``): the encoder matmul, top-k (ours, ``lax.top_k``, ``torch.topk``
 for k up to 256), the fused decoder loss forward + backward, the sparse encoder
 backward and the optimizer update, each alone.
@@ -67,8 +73,9 @@ class StepBenchSettings:
 
 
 def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
-    """hsae-jax's trainer step; with ``dead_fraction`` that share of the latents is dead
-    (AuxK runs) in every call: the dead-latent counters are not carried between calls."""
+    """(run, memory) of hsae-jax's trainer step; with ``dead_fraction`` that share of the
+    latents is dead (AuxK runs) in every call: the dead-latent counters are not carried
+    between calls. ``memory(x)``: {"state_bytes", "extra_bytes"}."""
     tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
                                steps=10_000)
     cfg = tc.sae
@@ -87,7 +94,11 @@ def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
             state[1] = carried
         return metrics["loss"]
 
-    return run
+    def memory(x):
+        return {"state_bytes": common.tree_bytes(state),
+                "extra_bytes": common.compiled_extra_bytes(step, *state, x)}
+
+    return run, memory
 
 
 def _naive_step(b, f, d, k):
@@ -116,7 +127,11 @@ def _naive_step(b, f, d, k):
         state[0], state[1], loss = step(*state, x)
         return loss
 
-    return run
+    def memory(x):
+        return {"state_bytes": common.tree_bytes(state),
+                "extra_bytes": common.compiled_extra_bytes(step, *state, x)}
+
+    return run, memory
 
 
 def _torch_step(seed_kernels, b, f, d, k):
@@ -148,7 +163,19 @@ def _torch_step(seed_kernels, b, f, d, k):
             w_dec.div_(w_dec.norm(dim=1, keepdim=True))
         return loss
 
-    return run
+    def memory(x):
+        """The allocator's peak over one warm step, less the state and the batch."""
+        state = sum(p.nbytes for p in params) + sum(
+            t.nbytes for group in opt.state.values() for t in group.values()
+            if isinstance(t, torch.Tensor))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run(x)
+        torch.cuda.synchronize()
+        return {"state_bytes": state,
+                "extra_bytes": torch.cuda.max_memory_allocated() - state - x.nbytes}
+
+    return run, memory
 
 
 def _torch_sync(out):
@@ -156,22 +183,6 @@ def _torch_sync(out):
 
     torch.cuda.synchronize()
     return out
-
-
-def _torch_peak(run, x) -> int:
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run(x)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _jax_peak() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
 
 
 def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
@@ -193,23 +204,28 @@ def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
                     import torch
 
                     xt = torch.from_dlpack(x).clone()
-                    run = _torch_step(seed_kernels, b, f, d, k)
+                    run, memory = _torch_step(seed_kernels, b, f, d, k)
                     stats = common.time_calls(lambda r=run, xt=xt: r(xt), warmup=settings.warmup,
                                               iters=settings.iters, sync=_torch_sync)
-                    row["peak_bytes"] = _torch_peak(run, xt)
-                    del run
+                    row.update(memory(xt))
+                    del run, memory
                     torch.cuda.empty_cache()
                 else:
-                    run = (_naive_step(b, f, d, k) if name == "naive-jax" else
-                           _hsae_step(b, f, d, k, "bfloat16" if name.endswith("bf16")
-                                      else "float32",
-                                      DEAD_FRACTION if name == "hsae-auxk" else 0.0))
+                    run, memory = (
+                        _naive_step(b, f, d, k) if name == "naive-jax" else
+                        _hsae_step(b, f, d, k, "bfloat16" if name.endswith("bf16")
+                                   else "float32", DEAD_FRACTION if name == "hsae-auxk" else 0.0))
                     stats = common.time_calls(lambda r=run: r(x), warmup=settings.warmup,
                                               iters=settings.iters)
-                    row["peak_bytes"] = _jax_peak()
-                    del run
+                    row.update(memory(x))
+                    del run, memory
                 row.update(stats)
                 row["tokens_per_s"] = b / (row["median_ms"] * 1e-3)
+                if row.get("extra_bytes") is not None:
+                    row["total_bytes"] = row["state_bytes"] + row["extra_bytes"] + x.nbytes
+                for part in ("state", "extra", "total"):
+                    if row.get(f"{part}_bytes") is not None:
+                        row[f"{part}_gb"] = row[f"{part}_bytes"] / 1e9
             except Exception as err:  # noqa: BLE001 - one failure must not stop the table
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             log(f"  step K={k} {name}: {row.get('median_ms', row.get('error'))}")
@@ -300,7 +316,11 @@ def run(settings: StepBenchSettings, log=print) -> dict:
     log(common.markdown_table(steps, [
         ("k", "K", "d"), ("impl", "step", "s"), ("median_ms", "median ms", ".2f"),
         ("p90_ms", "p90 ms", ".2f"), ("tokens_per_s", "tokens/s", ",.0f"),
-        ("peak_bytes", "peak bytes", ",d"), ("error", "error", "s")]))
+        ("state_gb", "state GB", ".2f"), ("extra_gb", "step extra GB", ".2f"),
+        ("total_gb", "total GB", ".2f"), ("error", "error", "s")]))
+    log("memory: state = parameters, optimizer state, counters kept between steps; step "
+        "extra = what one step needs beyond the state and the batch (XLA's plan of the "
+        "compiled step; torch: its allocator's peak over a warm step); total = both + batch")
     if pieces:
         log("")
         log(common.markdown_table(pieces, [
