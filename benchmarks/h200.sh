@@ -26,6 +26,8 @@
 #                soak.json here with: python benchmarks/soak.py --merge A B --out C
 #   shard        benchmarks/shard_h200.py: the one-device sharded step against the replicated
 #                one, and the largest F that trains on one GPU (D=2304, K=64, B=4096)
+#   profile      benchmarks/profile_step.py: the trainer's step traced (jax.profiler) and its
+#                device time per piece: K=128 fp32 and bf16, K=64 with 10% of the latents dead
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
@@ -99,6 +101,10 @@ for step in "$@"; do
     plan) for f in 262144 524288 1048576; do python3 -m hsae_jax.cli plan --compile \
         --backend triton --n-latents $f --d-model 2304 --k 64 --batch-size 4096 --mesh data=1,model=1; \
         done 2>&1 | tee "$OUT/plan.log" ;;
+    profile) for spec in "128 float32 0" "128 bfloat16 0" "64 float32 0.1"; do
+        read -r k dtype dead <<<"$spec"
+        python3 benchmarks/profile_step.py --k "$k" --compute-dtype "$dtype" --dead "$dead" \
+          --out "$OUT/profile_k${k}_${dtype}_dead${dead}.json"; done 2>&1 | tee "$OUT/profile.log" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"

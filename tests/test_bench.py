@@ -175,3 +175,29 @@ def test_loader_diagnostic_smoke(tmp_path):
     assert {r["what"] for r in rows} == {"step", "loader", "loop"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert [r["vs_synthetic_loop"] for r in rows if r["data"] == "synthetic"] == [1.0]
+
+
+def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
+    """benchmarks/profile_step.py: a traced step's ops, grouped by the step's named scopes."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_step.py")
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "profile.json"
+    assert profile.main(["--tiny", "--dead", "0.1", "--backend", "xla", "--steps", "3",
+                         "--warmup", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    pieces = {r["piece"]: r["ms_per_step"] for r in payload["pieces"]}
+    for piece in ("encoder matmul", "top-k", "encoder backward", "decoder loss", "AuxK",
+                  "optimizer tail"):
+        assert pieces.get(piece, 0) > 0, (piece, pieces)
+    assert abs(sum(pieces.values()) - payload["device_ms"]) < 1e-6
+    assert all(r["op_name"].startswith("jit(step)/") for r in payload["ops"]
+               if r["piece"] != "other (glue)")
+    assert profile.piece_of("jit(step)/transpose(jvp(encoder))/while") == "encoder backward"
+    assert profile.piece_of("jit(step)/auxk/cond/branch_1_fun/jvp()/top_k") == "AuxK"
+    assert profile.piece_of("jit(step)/jvp(encoder)/top_k/top_k") == "top-k"
+    assert profile.piece_of(None) == "other (glue)"

@@ -50,7 +50,8 @@ class Encoder:
 
         def select(xc_rows):
             pre = scores(xc_rows, w_enc, b_enc)
-            return top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+            with jax.named_scope("top_k"):
+                return top_k(pre, self.k, backend=self.backend, config=self.topk_config)
 
         values, indices = by_rows(select, xc, self.config.forward_rows)
         return jax.nn.relu(values), indices, xc

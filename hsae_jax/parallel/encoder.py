@@ -39,11 +39,12 @@ class ShardedEncoder:
 
         def select(xc_rows):
             pre = scores(xc_rows, w_enc, b_enc)  # [rows, F/m]
-            values, indices = top_k(pre, candidates, backend=self.enc.backend,
-                                    config=self.enc.topk_config)
-            if self.axes.model > 1:
-                values, indices = merge_top_k(values, indices + self.offset(w_enc.shape[0]),
-                                              self.enc.k)
+            with jax.named_scope("top_k"):
+                values, indices = top_k(pre, candidates, backend=self.enc.backend,
+                                        config=self.enc.topk_config)
+                if self.axes.model > 1:
+                    values, indices = merge_top_k(
+                        values, indices + self.offset(w_enc.shape[0]), self.enc.k)
             return values, indices
 
         values, indices = by_rows(select, xc, self.enc.config.forward_rows)

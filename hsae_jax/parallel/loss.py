@@ -80,16 +80,18 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
     """
     b_dec = grad_psum(params["b_dec"], axes.model)
     xs = scale_inputs(stats, x)
-    vals, indices = encode_local(cfg, axes, params, stats, x, kernels, b_dec=b_dec)
+    with jax.named_scope("encoder"):  # the scopes name the step's pieces in profiles
+        vals, indices = encode_local(cfg, axes, params, stats, x, kernels, b_dec=b_dec)
     loss_kw = dict(backend=kernels.backend, config=kernels.loss)
     w_dec = _cast(cfg, params["W_dec"])  # [F, D/m]
     slice_args = (indices, w_dec, grad_psum(vals, axes.model), d_slice(axes, b_dec),
                   d_slice(axes, xs))
-    if cfg.objective == "topk":
-        recon_loss = topk_sae_loss(*slice_args, **loss_kw)
-    else:
-        recon_loss = hierarchical_sae_loss(*slice_args, prefix_weights=cfg.prefix_weights(),
-                                           **loss_kw)
+    with jax.named_scope("decoder_loss"):
+        if cfg.objective == "topk":
+            recon_loss = topk_sae_loss(*slice_args, **loss_kw)
+        else:
+            recon_loss = hierarchical_sae_loss(*slice_args,
+                                               prefix_weights=cfg.prefix_weights(), **loss_kw)
     if axes.model > 1:  # each slice's loss is its mean over B x D/m
         recon_loss = sum_over(recon_loss, axes.model) / axes.model
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
@@ -122,9 +124,10 @@ def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
     (loss, aux), grads = grad_fn(params, stats, x)
     if cfg.auxk_coef > 0:
         dead = stats["tokens_since_fired"] >= cfg.dead_tokens
-        auxk, grads = sharded_auxk_loss_and_add_grads(
-            cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
-            grads, kernels)
+        with jax.named_scope("auxk"):
+            auxk, grads = sharded_auxk_loss_and_add_grads(
+                cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
+                grads, kernels)
         loss = loss + cfg.auxk_coef * auxk
         aux = {**aux, "auxk_loss": auxk}
     return (loss, aux), grads

@@ -42,16 +42,19 @@ def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: 
         (loss, aux), grads = sharded_sae_loss_and_grads(cfg, axes, params, stats, x, kernels)
         grads = axes.pmean_data(grads)
         loss = axes.pmean_data(loss)
-        params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads, loss)
+        with jax.named_scope("optimizer"):  # the scopes name the step's pieces in profiles
+            params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads,
+                                                           loss)
         finite = opt_state.last_finite
 
-        tokens = x.shape[0] * axes.data
-        fired = axes.psum_data(aux["fired"].astype(jnp.int32)) > 0
-        since = jnp.where(fired, 0, jnp.minimum(stats["tokens_since_fired"] + tokens,
-                                                 MAX_TOKENS_SINCE_FIRED))
-        stats = {**stats, "tokens_since_fired": jnp.where(finite, since,
-                                                          stats["tokens_since_fired"])}
-        dead = axes.psum_model(jnp.sum(stats["tokens_since_fired"] >= cfg.dead_tokens))
+        with jax.named_scope("counters"):
+            tokens = x.shape[0] * axes.data
+            fired = axes.psum_data(aux["fired"].astype(jnp.int32)) > 0
+            since = jnp.where(fired, 0, jnp.minimum(stats["tokens_since_fired"] + tokens,
+                                                     MAX_TOKENS_SINCE_FIRED))
+            stats = {**stats, "tokens_since_fired": jnp.where(finite, since,
+                                                              stats["tokens_since_fired"])}
+            dead = axes.psum_model(jnp.sum(stats["tokens_since_fired"] >= cfg.dead_tokens))
         metrics = {
             "loss": loss,
             "recon_loss": axes.pmean_data(aux["recon_loss"]),
