@@ -79,11 +79,10 @@ def test_benchmark_reporting_does_not_import_triton():
 
 
 def _load_benchmark(name):
+    """The module of benchmarks/NAME.py (a script, not part of the package)."""
     import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", _benchmark_path(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,13 +161,7 @@ def _benchmark_path(name):
 
 def test_loader_diagnostic_smoke(tmp_path):
     """benchmarks/loader_h200.py at a CPU size: every row timed, the synthetic loop is 1."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "loader_h200.py")
-    spec = importlib.util.spec_from_file_location("loader_h200", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("loader_h200")
     out = tmp_path / "loader.json"
     assert module.main(["--tiny", "--work-dir", str(tmp_path / "w"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -179,13 +172,7 @@ def test_loader_diagnostic_smoke(tmp_path):
 
 def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
     """benchmarks/profile_step.py: a traced step's ops, grouped by the step's named scopes."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_step.py")
-    spec = importlib.util.spec_from_file_location("profile_step", path)
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = _load_benchmark("profile_step")
     out = tmp_path / "profile.json"
     assert profile.main(["--tiny", "--dead", "0.1", "--backend", "xla", "--steps", "3",
                          "--warmup", "1", "--out", str(out)]) == 0
