@@ -238,3 +238,37 @@ def test_deterministic_mode_is_bitwise_reproducible(backend, rng_seed):
 def test_deterministic_mode_needs_the_fused_kernel():
     with pytest.raises(ValueError, match="deterministic=True.*two_pass"):
         TritonLossConfig(variant="two_pass", deterministic=True)
+
+
+@pytest.mark.parametrize("backend, config", BACKENDS)
+@pytest.mark.parametrize("dtypes", ["float32", "bfloat16"])
+def test_loss_and_reconstruction_gives_the_loss_and_the_full_reconstruction(
+        backend, config, dtypes, rng_seed):
+    """The same loss value and gradients as hierarchical_sae_loss, and recon_K [B, D]
+    float32 equal to the float64 oracle's (an out-of-range index adds nothing), with no
+    gradient through it: what AuxK takes its residual from."""
+    indices, weight, vals, bias, target = make_inputs(rng_seed, 9, 12, 30, 70,
+                                                      dtypes=DTYPE_CASES[dtypes])
+    indices = indices.at[2, 5].set(30).at[4, 0].set(-1)
+    kw = dict(backend=backend, config=config)
+
+    def with_recon(w, v, b):
+        loss, recon = hsae_jax.loss.hierarchical_sae_loss_and_reconstruction(
+            indices, w, v, b, target, **kw)
+        return loss + jnp.sum(jnp.sin(recon)), (loss, recon)
+
+    (_, (loss, recon)), grads = jax.jit(jax.value_and_grad(
+        with_recon, argnums=(0, 1, 2), has_aux=True))(weight, vals, bias)
+    plain, plain_grads = jax.jit(jax.value_and_grad(
+        lambda w, v, b: hsae_jax.loss.hierarchical_sae_loss(indices, w, v, b, target, **kw),
+        argnums=(0, 1, 2)))(weight, vals, bias)
+    assert recon.shape == target.shape and recon.dtype == jnp.float32
+    f64 = [np.asarray(x, np.float64) for x in (indices, weight, vals, bias)]
+    ok = (f64[0] >= 0) & (f64[0] < weight.shape[0])
+    rows = np.where(ok[..., None], f64[1][np.clip(f64[0], 0, weight.shape[0] - 1).astype(int)],
+                    0.0)
+    expected = f64[3] + np.sum(f64[2][..., None] * rows, axis=1)
+    np.testing.assert_allclose(recon, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(loss, plain)
+    for got, want in zip(grads, plain_grads, strict=True):  # recon adds no gradient
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

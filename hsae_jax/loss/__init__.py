@@ -1,6 +1,11 @@
 """The HierarchicalTopK decoder loss: public ops, backends and their configuration."""
 
-from hsae_jax.loss.api import hierarchical_sae_loss, hierarchical_sae_prefix_sse, topk_sae_loss
+from hsae_jax.loss.api import (
+    hierarchical_sae_loss,
+    hierarchical_sae_loss_and_reconstruction,
+    hierarchical_sae_prefix_sse,
+    topk_sae_loss,
+)
 from hsae_jax.loss.config import (
     BACKWARD_WALK,
     FORWARD_WALK,
@@ -10,7 +15,7 @@ from hsae_jax.loss.config import (
     WalkConfig,
     XlaLossConfig,
 )
-from hsae_jax.loss.reference import prefix_sse_reference
+from hsae_jax.loss.reference import prefix_sse_reference, reconstruction_reference
 
 __all__ = [
     "BACKWARD_WALK",
@@ -21,7 +26,9 @@ __all__ = [
     "WalkConfig",
     "XlaLossConfig",
     "hierarchical_sae_loss",
+    "hierarchical_sae_loss_and_reconstruction",
     "hierarchical_sae_prefix_sse",
     "prefix_sse_reference",
+    "reconstruction_reference",
     "topk_sae_loss",
 ]

@@ -14,7 +14,7 @@ from hsae_jax import backends
 from hsae_jax.backends import Backend
 from hsae_jax.loss.config import TritonLossConfig, XlaLossConfig
 from hsae_jax.loss.prefix_weights import combine_prefix_sse, normalized_prefix_weights
-from hsae_jax.loss.reference import prefix_sse_reference
+from hsae_jax.loss.reference import prefix_sse_reference, reconstruction_reference
 from hsae_jax.loss.triton_loss import TritonLoss
 from hsae_jax.loss.validation import check_loss_inputs
 from hsae_jax.loss.xla import XlaLoss
@@ -46,8 +46,11 @@ class _Static:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss(static, indices, weight, vals, bias, target, prefix_weights):
+    """(loss, [B, D] float32 final reconstruction); the reconstruction is not
+    differentiated (its cotangent is dropped: callers stop its gradient)."""
     coef = _coefficients(prefix_weights, indices.shape[0], weight.shape[1])
-    return jnp.sum(static.impl.loss_rows(indices, weight, vals, bias, target, coef))
+    loss_rows, final_recon = static.impl.value(indices, weight, vals, bias, target, coef)
+    return jnp.sum(loss_rows), final_recon
 
 
 def _coefficients(prefix_weights, b, d):
@@ -57,12 +60,14 @@ def _coefficients(prefix_weights, b, d):
 
 def _loss_fwd(static, indices, weight, vals, bias, target, prefix_weights):
     coef = _coefficients(prefix_weights, indices.shape[0], weight.shape[1])
-    loss_rows, residuals = static.impl.forward(indices, weight, vals, bias, target, coef)
+    loss_rows, residuals, final_recon = static.impl.forward(indices, weight, vals, bias,
+                                                            target, coef)
     inputs = (indices, weight, vals, bias, target)
-    return jnp.sum(loss_rows), (residuals, coef, inputs, prefix_weights)
+    return (jnp.sum(loss_rows), final_recon), (residuals, coef, inputs, prefix_weights)
 
 
-def _loss_bwd(static, saved, cotangent):
+def _loss_bwd(static, saved, cotangents):
+    cotangent, _ = cotangents  # the reconstruction's: zero wherever its gradient is stopped
     residuals, coef, inputs, prefix_weights = saved
     dweight, dvals, resid_sum = static.impl.backward(residuals, coef, cotangent)
 
@@ -145,20 +150,46 @@ def hierarchical_sae_loss(
     to weight, vals, bias, target and prefix_weights; each gradient has its primal's
     dtype. All arithmetic accumulates in float32.
     """
+    return hierarchical_sae_loss_and_reconstruction(
+        indices, weight, vals, bias, target, prefix_weights=prefix_weights, backend=backend,
+        config=config)[0]
+
+
+def hierarchical_sae_loss_and_reconstruction(
+    indices: jax.Array,  # [B, K] int32/int64
+    weight: jax.Array,  # [F, D]
+    vals: jax.Array,  # [B, K]
+    bias: jax.Array,  # [D]
+    target: jax.Array,  # [B, D]
+    *,
+    prefix_weights: jax.Array | None = None,  # [K]
+    backend: Backend = "auto",
+    config: LossConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(:func:`hierarchical_sae_loss`, recon_K): the loss and the full reconstruction
+    ``bias + sum_{j<=K} vals[:, j, None] * weight[indices[:, j]]`` [B, D] float32, which
+    the kernels compute anyway (the fused kernel writes it once). The reconstruction is a
+    constant (``jax.lax.stop_gradient``): AuxK's residual ``target - recon_K`` comes from
+    it without a second gather of the K rows. Arguments as :func:`hierarchical_sae_loss`;
+    the loss is the same value, with the same gradients.
+    """
     check_loss_inputs(indices, weight, vals, bias, target, prefix_weights)
     impl = _implementation(backend, config)
     k = indices.shape[1]
     if impl is None:
         sse = prefix_sse_reference(indices, weight, vals, bias, target)
-        return combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, k),
+        loss = combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, k),
                                   weight.shape[1])
+        return loss, jax.lax.stop_gradient(reconstruction_reference(indices, weight, vals,
+                                                                    bias))
     if prefix_weights is None:
         prefix_weights = jnp.ones((k,), jnp.float32)
         if isinstance(impl, TritonLoss):  # one coefficient for every prefix
             impl = dataclasses.replace(impl, uniform_coef=True)
     static = _Static(impl, jnp.dtype(weight.dtype), jnp.dtype(vals.dtype),
                      jnp.dtype(bias.dtype), jnp.dtype(target.dtype))
-    return _loss(static, indices, weight, vals, bias, target, prefix_weights)
+    loss, final_recon = _loss(static, indices, weight, vals, bias, target, prefix_weights)
+    return loss, jax.lax.stop_gradient(final_recon)
 
 
 def topk_sae_loss(
@@ -176,10 +207,14 @@ def topk_sae_loss(
     The one-hot-last case of :func:`hierarchical_sae_loss` (same kernels, same cost).
     """
     check_loss_inputs(indices, weight, vals, bias, target)
-    k = indices.shape[1]
-    one_hot_last = jnp.zeros((k,), jnp.float32).at[k - 1].set(1.0)
     return hierarchical_sae_loss(indices, weight, vals, bias, target,
-                                 prefix_weights=one_hot_last, backend=backend, config=config)
+                                 prefix_weights=topk_prefix_weights(indices.shape[1]),
+                                 backend=backend, config=config)
+
+
+def topk_prefix_weights(k: int) -> jax.Array:
+    """[K] float32 one-hot on the last prefix: the hierarchical loss that is the TopK loss."""
+    return jnp.zeros((k,), jnp.float32).at[k - 1].set(1.0)
 
 
 def hierarchical_sae_prefix_sse(

@@ -70,16 +70,17 @@ class TritonLoss:
         return jnp.sum(loss_parts, axis=0), final_recon
 
     def _fused(self, indices, weight, vals, bias, target, coef):
-        """([B] loss per row, (dweight [F, D], dvals [B, K], resid_sum [B, D])), float32."""
+        """([B] loss per row, (dweight [F, D], dvals [B, K], resid_sum [B, D]), [B, D] final
+        reconstruction), float32."""
         b, k = indices.shape
         f, d = weight.shape
         cfg = self.config.fused.resolve(b, d)
-        loss_rows, dweight, dvals, resid_sum = self._walk(
+        loss_rows, dweight, dvals, resid_sum, final_recon = self._walk(
             self._kernels().hierarchical_sae_fused_kernel,
             (indices, weight, bias, vals, target, coef),
-            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d)], (0, 1, 2), cfg, b, f, k, d,
-            K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=False)
-        return loss_rows, (dweight, dvals, resid_sum)
+            [_f32(b), _f32(f, d), _f32(b, k), _f32(b, d), _f32(b, d)], (0, 1, 2), cfg,
+            b, f, k, d, K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=False)
+        return loss_rows, (dweight, dvals, resid_sum), final_recon
 
     def _fused_deterministic(self, indices, weight, vals, bias, target, coef):
         """:meth:`_fused` without float atomics, bitwise reproducible.
@@ -107,33 +108,36 @@ class TritonLoss:
 
         def chunk(dweight, xs):
             idx_c, vals_c, target_c = xs
-            loss_parts, pair_suffix, dvals_parts, resid_sum = self._walk(
+            loss_parts, pair_suffix, dvals_parts, resid_sum, final_recon = self._walk(
                 self._kernels().hierarchical_sae_fused_kernel,
                 (idx_c, weight, bias, vals_c, target_c, coef),
                 [_f32(d_tiles, rows), _f32(rows * k, d), _f32(d_tiles, rows, k),
-                 _f32(rows, d)], (), cfg, rows, f, k, d,
+                 _f32(rows, d), _f32(rows, d)], (), cfg, rows, f, k, d,
                 K_POW2=_shapes.next_power_of_2(k), DETERMINISTIC=True)
             dweight = segment_row_sums(
                 idx_c.reshape(-1), vals_c.reshape(-1).astype(jnp.float32), pair_suffix, f,
                 pairs_per_row=1, backend=self.backend, config=self.config.segment_sum,
                 base=dweight)
             return dweight, (jnp.sum(loss_parts, axis=0), jnp.sum(dvals_parts, axis=0),
-                             resid_sum)
+                             resid_sum, final_recon)
 
-        dweight, (loss_rows, dvals, resid_sum) = jax.lax.scan(
+        dweight, (loss_rows, dvals, resid_sum, final_recon) = jax.lax.scan(
             chunk, jnp.zeros((f, d), jnp.float32),
             (split(indices, -1), split(vals, 0), split(target, 0)))
         return loss_rows.reshape(-1)[:b], (dweight, dvals.reshape(-1, k)[:b],
-                                           resid_sum.reshape(-1, d)[:b])
+                                           resid_sum.reshape(-1, d)[:b]), \
+            final_recon.reshape(-1, d)[:b]
 
     # ------------------------------------------------------------------ the interface
 
-    def loss_rows(self, indices, weight, vals, bias, target, coef):
-        """[B] float32: sum_k coef_k * ||recon_k - target||^2 per row (forward only)."""
-        return self._two_pass_forward(indices, weight, vals, bias, target, coef)[0]
+    def value(self, indices, weight, vals, bias, target, coef):
+        """([B] float32 sum_k coef_k * ||recon_k - target||^2 per row, [B, D] float32 final
+        reconstruction), forward only: the forward kernel."""
+        return self._two_pass_forward(indices, weight, vals, bias, target, coef)
 
     def forward(self, indices, weight, vals, bias, target, coef):
-        """Returns ([B] loss per row, residuals for :meth:`backward`).
+        """Returns ([B] loss per row, residuals for :meth:`backward`, [B, D] float32 final
+        reconstruction recon_K).
 
         The fused variant computes the gradients here, in the same kernel, and keeps them
         as the residuals; the two-pass variant keeps the final reconstruction.
@@ -141,7 +145,7 @@ class TritonLoss:
         if self.config.variant == "two_pass":
             loss_rows, final_recon = self._two_pass_forward(indices, weight, vals, bias,
                                                             target, coef)
-            return loss_rows, (indices, weight, vals, target, final_recon)
+            return loss_rows, (indices, weight, vals, target, final_recon), final_recon
         if self.config.deterministic:
             return self._fused_deterministic(indices, weight, vals, bias, target, coef)
         return self._fused(indices, weight, vals, bias, target, coef)

@@ -218,6 +218,7 @@ def hierarchical_sae_fused_kernel(
     weight_grad_ptr,  # [F, D] float32, zeroed
     vals_grad_ptr,  # [B, K] float32, zeroed
     resid_sum_ptr,  # [B, D] float32: sum_k 2 * coef_k * r_k
+    recon_ptr,  # [B, D] float32: the full reconstruction recon_K, every element written
     # DETERMINISTIC (no float atomics): loss [D tiles, B] and dvals [D tiles, B, K] hold each
     # D tile's share, weight_grad [B * K, D] each pair's suffix sum; every element written.
     B: tl.constexpr,
@@ -236,7 +237,8 @@ def hierarchical_sae_fused_kernel(
     The backward walk starts from registers (the full reconstruction) and re-reads the
     rows the forward walk gathered, most recent first: rows of frequent latents and the
     last steps' rows come from L2, the rest from memory (see benchmarks/NOTES.md for what
-    that costs). No [B, D] reconstruction is written or read back, and there is one launch.
+    that costs). The full reconstruction is written once (AuxK's residual comes from it)
+    and never read back, and there is one launch.
     """
     batch_offsets, batch_mask, offset_d, d_mask, batch_d_offset, tile_mask = _tile(
         B, D, BLOCK_B, BLOCK_D)
@@ -246,6 +248,7 @@ def hierarchical_sae_fused_kernel(
     recon, loss_rows = _forward_walk(indices_ptr, weight_ptr, vals_ptr, coef_ptr, recon, target,
                                      batch_offsets, batch_mask, offset_d, d_mask, F, D, K,
                                      UNIFORM_COEF, LOOP_NUM_STAGES)
+    tl.store(recon_ptr + batch_d_offset, recon, mask=tile_mask)
     suffix, val_grad_tile = _backward_walk(
         indices_ptr, weight_ptr, vals_ptr, coef_ptr, weight_grad_ptr, recon, target,
         batch_offsets, batch_mask, offset_d, d_mask, F, D, K, K_POW2, UNIFORM_COEF,

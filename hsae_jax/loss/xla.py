@@ -40,14 +40,17 @@ class XlaLoss:
         """[B, K] float32 per-prefix SSE (forward only)."""
         return self._forward_scan(indices, weight, vals, bias, target)[0]
 
-    def loss_rows(self, indices, weight, vals, bias, target, coef):
-        """[B] float32: sum_k coef_k * ||recon_k - target||^2 per row (forward only)."""
-        return self.prefix_sse(indices, weight, vals, bias, target) @ coef
+    def value(self, indices, weight, vals, bias, target, coef):
+        """([B] float32 sum_k coef_k * ||recon_k - target||^2 per row, [B, D] float32 final
+        reconstruction), forward only."""
+        sse, final_recon = self._forward_scan(indices, weight, vals, bias, target)
+        return sse @ coef, final_recon
 
     def forward(self, indices, weight, vals, bias, target, coef):
-        """Returns ([B] loss per row, residuals for :meth:`backward`)."""
+        """Returns ([B] loss per row, residuals for :meth:`backward`, [B, D] float32 final
+        reconstruction recon_K)."""
         sse, final_recon = self._forward_scan(indices, weight, vals, bias, target)
-        return sse @ coef, (indices, weight, vals, target, final_recon)
+        return sse @ coef, (indices, weight, vals, target, final_recon), final_recon
 
     def _forward_scan(self, indices, weight, vals, bias, target):
         """([B, K] per-prefix SSE, [B, D] final reconstruction), float32."""

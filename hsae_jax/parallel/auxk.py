@@ -74,11 +74,15 @@ def residual_slice(params, xs_slice, b_dec_slice, vals, indices) -> jax.Array:
     return jax.lax.stop_gradient(xs_slice - recon)
 
 
-def _residual(axes: Axes, params, xs, vals, indices) -> jax.Array:
-    """[B, D/m] float32: :func:`residual_slice` of this device's D slice."""
+def _residual(axes: Axes, params, xs, vals, indices, reconstruction=None) -> jax.Array:
+    """[B, D/m] float32: :func:`residual_slice` of this device's D slice; from
+    ``reconstruction`` [B, D/m] (the main loss's recon_K of that slice) when given."""
     d_local = xs.shape[1] // axes.model
     start = axes.model_index() * d_local
-    return residual_slice(params, jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1),
+    xs_slice = jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1)
+    if reconstruction is not None:
+        return jax.lax.stop_gradient(xs_slice - reconstruction)
+    return residual_slice(params, xs_slice,
                           jax.lax.dynamic_slice_in_dim(params["b_dec"], start, d_local),
                           vals, indices)
 
@@ -165,9 +169,9 @@ def _bucket_loss(cfg, axes, kernels, columns, params, b_dec, xs, vals, indices, 
 
 
 def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals, indices,
-                           dead, num_dead):
+                           dead, num_dead, reconstruction):
     is_dead, rows, where = _bucket_rows(axes, params, dead, columns)
-    residual = _residual(axes, params, xs, vals, indices)
+    residual = _residual(axes, params, xs, vals, indices, reconstruction)
     loss, vjp = jax.vjp(lambda r, b_dec: _loss_on_rows(cfg, axes, kernels, r, b_dec, xs,
                                                       residual, is_dead, num_dead),
                         rows, params["b_dec"])
@@ -216,17 +220,19 @@ def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
 
 
 def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, dead, grads,
-                                    kernels):
+                                    kernels, reconstruction=None):
     """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient) inside
     ``shard_map``.
 
     Arguments as :func:`sharded_auxk_loss` (b_dec is ``params["b_dec"]``); ``grads``: this
     device's gradients of the rest of the objective (a dict like ``params``, before the
-    mean over ``data``). Only the dead latents' rows of the W_enc / b_enc / W_dec blocks
-    change, and b_dec's by the sum over ``model`` of the devices' shares; with no dead
-    latent the gradients pass through untouched.
+    mean over ``data``); ``reconstruction``: the main loss's recon_K [B/d, D/m] float32 of
+    (vals, indices) on this device's D slice, if it has it (else the residual's
+    reconstruction is gathered again from W_dec). Only the dead latents' rows of the
+    W_enc / b_enc / W_dec blocks change, and b_dec's by the sum over ``model`` of the
+    devices' shares; with no dead latent the gradients pass through untouched.
     """
     num_dead, buckets, which = _branch(cfg, axes, dead)
     return loss_and_grads_in_bucket(
         which, buckets, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels), grads,
-        params, xs, vals, indices, dead, num_dead)
+        params, xs, vals, indices, dead, num_dead, reconstruction)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from hsae_jax.encoder.api import make_encoder
 from hsae_jax.kernel_settings import KernelSettings
-from hsae_jax.loss import hierarchical_sae_loss, topk_sae_loss
+from hsae_jax.loss.api import hierarchical_sae_loss_and_reconstruction, topk_prefix_weights
 from hsae_jax.model import SAEConfig, fired_latents, scale_inputs
 from hsae_jax.parallel.auxk import sharded_auxk_loss, sharded_auxk_loss_and_add_grads
 from hsae_jax.parallel.collectives import grad_psum, sum_over
@@ -87,11 +87,10 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
     slice_args = (indices, w_dec, grad_psum(vals, axes.model), d_slice(axes, b_dec),
                   d_slice(axes, xs))
     with jax.named_scope("decoder_loss"):
-        if cfg.objective == "topk":
-            recon_loss = topk_sae_loss(*slice_args, **loss_kw)
-        else:
-            recon_loss = hierarchical_sae_loss(*slice_args,
-                                               prefix_weights=cfg.prefix_weights(), **loss_kw)
+        prefix_weights = (topk_prefix_weights(cfg.k) if cfg.objective == "topk"
+                          else cfg.prefix_weights())
+        recon_loss, reconstruction = hierarchical_sae_loss_and_reconstruction(
+            *slice_args, prefix_weights=prefix_weights, **loss_kw)
     if axes.model > 1:  # each slice's loss is its mean over B x D/m
         recon_loss = sum_over(recon_loss, axes.model) / axes.model
     dead = stats["tokens_since_fired"] >= cfg.dead_tokens
@@ -106,6 +105,9 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
         "num_dead": axes.psum_model(jnp.sum(dead)),
         "vals": vals,
         "indices": indices,
+        # recon_K of this device's D slice, constant; None when the loss saw other decoder
+        # rows than AuxK's residual uses (W_dec cast to the compute dtype)
+        "reconstruction": reconstruction if w_dec.dtype == params["W_dec"].dtype else None,
     }
     return recon_loss + cfg.auxk_coef * auxk, aux
 
@@ -127,7 +129,7 @@ def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
         with jax.named_scope("auxk"):
             auxk, grads = sharded_auxk_loss_and_add_grads(
                 cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
-                grads, kernels)
+                grads, kernels, reconstruction=aux["reconstruction"])
         loss = loss + cfg.auxk_coef * auxk
         aux = {**aux, "auxk_loss": auxk}
     return (loss, aux), grads
