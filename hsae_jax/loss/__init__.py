@@ -15,7 +15,7 @@ from hsae_jax.loss.config import (
     WalkConfig,
     XlaLossConfig,
 )
-from hsae_jax.loss.reference import prefix_sse_reference, reconstruction_reference
+from hsae_jax.loss.reference import prefix_sse_reference
 
 __all__ = [
     "BACKWARD_WALK",
@@ -29,6 +29,5 @@ __all__ = [
     "hierarchical_sae_loss_and_reconstruction",
     "hierarchical_sae_prefix_sse",
     "prefix_sse_reference",
-    "reconstruction_reference",
     "topk_sae_loss",
 ]

@@ -14,7 +14,7 @@ from hsae_jax import backends
 from hsae_jax.backends import Backend
 from hsae_jax.loss.config import TritonLossConfig, XlaLossConfig
 from hsae_jax.loss.prefix_weights import combine_prefix_sse, normalized_prefix_weights
-from hsae_jax.loss.reference import prefix_sse_reference, reconstruction_reference
+from hsae_jax.loss.reference import prefix_sse_reference
 from hsae_jax.loss.triton_loss import TritonLoss
 from hsae_jax.loss.validation import check_loss_inputs
 from hsae_jax.loss.xla import XlaLoss
@@ -150,9 +150,8 @@ def hierarchical_sae_loss(
     to weight, vals, bias, target and prefix_weights; each gradient has its primal's
     dtype. All arithmetic accumulates in float32.
     """
-    return hierarchical_sae_loss_and_reconstruction(
-        indices, weight, vals, bias, target, prefix_weights=prefix_weights, backend=backend,
-        config=config)[0]
+    return _hierarchical(indices, weight, vals, bias, target, prefix_weights, backend, config,
+                         with_reconstruction=False)
 
 
 def hierarchical_sae_loss_and_reconstruction(
@@ -173,15 +172,22 @@ def hierarchical_sae_loss_and_reconstruction(
     it without a second gather of the K rows. Arguments as :func:`hierarchical_sae_loss`;
     the loss is the same value, with the same gradients.
     """
+    return _hierarchical(indices, weight, vals, bias, target, prefix_weights, backend, config,
+                         with_reconstruction=True)
+
+
+def _hierarchical(indices, weight, vals, bias, target, prefix_weights, backend, config, *,
+                  with_reconstruction: bool):
+    """loss, or (loss, recon_K) ``with_reconstruction``."""
     check_loss_inputs(indices, weight, vals, bias, target, prefix_weights)
     impl = _implementation(backend, config)
     k = indices.shape[1]
     if impl is None:
-        sse = prefix_sse_reference(indices, weight, vals, bias, target)
+        sse, recon = prefix_sse_reference(indices, weight, vals, bias, target,
+                                          with_reconstruction=True)
         loss = combine_prefix_sse(sse, normalized_prefix_weights(prefix_weights, k),
                                   weight.shape[1])
-        return loss, jax.lax.stop_gradient(reconstruction_reference(indices, weight, vals,
-                                                                    bias))
+        return (loss, jax.lax.stop_gradient(recon)) if with_reconstruction else loss
     if prefix_weights is None:
         prefix_weights = jnp.ones((k,), jnp.float32)
         if isinstance(impl, TritonLoss):  # one coefficient for every prefix
@@ -189,7 +195,7 @@ def hierarchical_sae_loss_and_reconstruction(
     static = _Static(impl, jnp.dtype(weight.dtype), jnp.dtype(vals.dtype),
                      jnp.dtype(bias.dtype), jnp.dtype(target.dtype))
     loss, final_recon = _loss(static, indices, weight, vals, bias, target, prefix_weights)
-    return loss, jax.lax.stop_gradient(final_recon)
+    return (loss, jax.lax.stop_gradient(final_recon)) if with_reconstruction else loss
 
 
 def topk_sae_loss(

@@ -19,20 +19,13 @@ def prefix_sse_reference(
     vals: jax.Array,  # [B, K]
     bias: jax.Array,  # [D]
     target: jax.Array,  # [B, D]
-) -> jax.Array:
-    """[B, K] float32: sum over D of (bias + sum_{j<=k} vals_j * weight[indices_j] - target)^2."""
+    *,
+    with_reconstruction: bool = False,
+):
+    """[B, K] float32: sum over D of (bias + sum_{j<=k} vals_j * weight[indices_j] - target)^2;
+    ``with_reconstruction``: also the full reconstruction recon_K [B, D] float32."""
     rows = gather_rows(weight, indices)  # [B, K, D] float32
     recon = bias.astype(jnp.float32) + jnp.cumsum(vals.astype(jnp.float32)[..., None] * rows, 1)
     diff = recon - target.astype(jnp.float32)[:, None, :]
-    return jnp.sum(diff * diff, axis=-1)
-
-
-def reconstruction_reference(
-    indices: jax.Array,  # [B, K] int
-    weight: jax.Array,  # [F, D]
-    vals: jax.Array,  # [B, K]
-    bias: jax.Array,  # [D]
-) -> jax.Array:
-    """[B, D] float32: the full reconstruction bias + sum_j vals_j * weight[indices_j]."""
-    rows = gather_rows(weight, indices)  # [B, K, D] float32
-    return bias.astype(jnp.float32) + jnp.sum(vals.astype(jnp.float32)[..., None] * rows, 1)
+    sse = jnp.sum(diff * diff, axis=-1)
+    return (sse, recon[:, -1, :]) if with_reconstruction else sse
