@@ -189,3 +189,19 @@ def test_top_k_mask_selects_what_top_k_selects(backend, ties, rng_seed):
         got = top_k_mask(jnp.asarray(x), k, backend=backend, config=TopKConfig(block=64)
                          if backend != "xla" else None)
         np.testing.assert_array_equal(got, expected, err_msg=f"n={n} k={k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+def test_top_k_mask_cuts_ties_only_where_the_kth_value_repeats(backend):
+    """Rows whose k-th value is unique take every entry >= it; a row that must leave some
+    equal entries out takes the lowest columns, whatever the other rows hold."""
+    unique = jnp.asarray([[0.5, 3.0, -1.0, 2.0, 0.0]], jnp.float32)
+    cut = jnp.asarray([[1.0, 3.0, 1.0, 1.0, 0.0]], jnp.float32)  # k=2: one of three 1.0s
+    for x, expected in [
+            (unique, [[False, True, False, True, False]]),
+            (cut, [[True, True, False, False, False]]),
+            (jnp.concatenate([unique, cut]), [[False, True, False, True, False],
+                                              [True, True, False, False, False]])]:
+        got = top_k_mask(x, 2, backend=backend,
+                         config=TopKConfig(block=64) if backend != "xla" else None)
+        np.testing.assert_array_equal(got, np.asarray(expected))

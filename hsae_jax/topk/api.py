@@ -167,7 +167,8 @@ def top_k_mask(
 
     On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key by
     a radix select (four histogram passes over the row, any k), and XLA marks the entries
-    above it plus the first ties; on ``"xla"`` / ``"reference"`` it is ``lax.top_k`` and a
+    above it plus the first ties (a cumsum over the rows only when some row must leave
+    ties out); on ``"xla"`` / ``"reference"`` it is ``lax.top_k`` and a
     scatter. Not differentiable (it is a selection).
     """
     f = check_top_k_inputs(x, k)
@@ -190,4 +191,11 @@ def top_k_mask(
     keys = _ordered_keys(x)
     above = keys > kth[:, None]
     equal = keys == kth[:, None]
-    return above | (equal & (jnp.cumsum(equal, axis=1) <= ties[:, None]))
+
+    def first_ties():  # a row takes only the first ``ties`` of its entries equal to kth
+        return above | (equal & (jnp.cumsum(equal, axis=1) <= ties[:, None]))
+
+    # usually every row takes all its entries equal to kth (no value repeats at the cut):
+    # then no [B, F] cumsum
+    takes_all = jnp.all(jnp.sum(equal, axis=1, dtype=jnp.int32) <= ties)
+    return jax.lax.cond(takes_all, lambda: above | equal, first_ties)
