@@ -44,6 +44,7 @@ import sys
 import time
 
 PHASES = ("straight", "killed", "resumed")
+DETERMINISTIC_OPS = "xla deterministic ops:"  # a child's line: True / False
 MEMORY_FILE = "soak_memory.jsonl"
 
 
@@ -136,8 +137,11 @@ def probed(source, log_every: int, path: str, kill_step: int | None):
 
 
 def child(args) -> None:
+    from hsae_jax import xla_determinism
     from hsae_jax.train import TrainConfig, resume, train
 
+    if args.deterministic:  # first: opening the source starts JAX's backend
+        print(f"{DETERMINISTIC_OPS} {xla_determinism.request()}", flush=True)
     folder = os.path.join(args.out, "straight" if args.phase == "straight" else "killed")
     memory = os.path.join(args.out, f"{args.phase}_{MEMORY_FILE}")
     tc = TrainConfig.from_flat(**train_settings(args))
@@ -300,6 +304,12 @@ def judge(report: dict, args, local: bool) -> list[str]:
         report["params"] = params
         if report["settings"]["deterministic"] and not params["bitwise_equal"]:
             problems.append("--deterministic, yet the parameters differ")
+    if report["settings"].get("deterministic"):
+        without = [name for name, phase in phases.items()
+                   if f"{DETERMINISTIC_OPS} False" in phase.get("log", [])]
+        if without:
+            problems.append(f"--deterministic, but XLA ran without deterministic ops in "
+                            f"{', '.join(without)}")
     report["problems"] = problems
     return problems
 

@@ -83,6 +83,20 @@ def test_differing_parameters_fail_a_deterministic_soak(soak, tmp_path):
     assert report["params"] == {"bitwise_equal": False}
 
 
+def test_a_deterministic_soak_whose_xla_was_not_deterministic_fails(soak):
+    """Each child says whether XLA runs with deterministic ops; a run without them cannot
+    vouch for the kernels' reproducibility, even when the parameters came out equal."""
+    logs = {"straight": ["xla deterministic ops: True"],
+            "killed": ["xla deterministic ops: True"],
+            "resumed": ["xla deterministic ops: False", "resuming ... at step 2"]}
+    report = {"settings": {"deterministic": True}, "kill_step": 3, "resumed_from": 2,
+              "phases": {p: {"returncode": rc, "log": logs[p]} for p, rc in
+                         (("straight", 0), ("killed", -9), ("resumed", 0))},
+              "digests": {"straight": {"W_enc": "aa"}, "resumed": {"W_enc": "aa"}}}
+    assert soak.judge(report, None, local=False) == [
+        "--deterministic, but XLA ran without deterministic ops in resumed"]
+
+
 def test_a_resume_that_started_from_no_checkpoint_fails(soak):
     report = {"settings": {"deterministic": True}, "kill_step": 3, "resumed_from": None,
               "phases": {p: {"returncode": rc} for p, rc in

@@ -87,6 +87,31 @@ def test_a_deterministic_run_starts_xla_with_deterministic_ops(tmp_path):
     assert not any("warning" in m for m in report["messages"])
 
 
+RESUME_CHILD = r"""
+import json, os, sys
+from hsae_jax.train import resume
+messages = []
+resume(sys.argv[1], steps=4, progress=False, log=messages.append)
+print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "messages": messages}))
+"""
+
+
+@_marked(requires_interpreter)
+def test_resuming_a_deterministic_run_also_starts_xla_with_deterministic_ops(tmp_path):
+    """resume() reads the saved settings with orbax, which starts JAX's backend: the flag
+    is added before that, from the checkpoint's JSON."""
+    _train_in_child(tmp_path / "run", deterministic=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",
+                                                            "JAX_COMPILATION_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", RESUME_CHILD, str(tmp_path / "run")],
+                         env={**env, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["xla_flags"].split() == [xla_determinism.FLAG]
+    assert not any("warning" in m for m in report["messages"])
+
+
 @_marked(requires_interpreter)
 def test_other_runs_leave_xla_flags_alone(tmp_path):
     assert _train_in_child(tmp_path / "run", deterministic=False)["xla_flags"] == ""

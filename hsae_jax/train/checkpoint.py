@@ -45,7 +45,8 @@ def _interrupts_deferred():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: the handler was not installed from Python (it cannot be put back)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
         if received and callable(previous):
             previous(*received[0])  # Python's default handler raises KeyboardInterrupt
         elif received and previous == signal.SIG_DFL:

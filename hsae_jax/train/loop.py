@@ -45,6 +45,7 @@ from hsae_jax.train.run_dir import (
     flag,
     resolve_paths,
     saved_config,
+    saved_deterministic,
 )
 from hsae_jax.train.step import (
     learning_rate_schedule,
@@ -201,6 +202,8 @@ def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
     """Continues the run in ``run_dir`` with its saved settings; ``changes`` (flat
     settings) may repeat saved values or change those in ``RESUMABLE_CHANGES``
     (``steps`` not below the checkpoint's step)."""
+    if changes.get("deterministic") or saved_deterministic(run_dir):
+        xla_determinism.request(log)  # before orbax (saved_config) starts JAX's backend
     saved, step = saved_config(run_dir)
     if isinstance(changes.get("steps"), int) and changes["steps"] < step:
         raise ValueError(f"--steps={changes['steps']} is below the checkpoint's step {step}: "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 
@@ -207,6 +208,25 @@ def check_resume_settings(saved: dict, tc: TrainConfig, step: int) -> None:
     if tc.steps < step:
         raise ValueError(f"--steps={tc.steps} is below the checkpoint's step {step}: a "
                          f"resumed run can only go on (--steps >= {step})")
+
+
+def saved_deterministic(run_dir: str) -> bool:
+    """Whether the newest readable checkpoint of ``run_dir`` was saved by a deterministic
+    run, read from orbax's JSON file itself: opening the checkpoints with orbax starts
+    JAX's backend, after which XLA's flags can no longer be set
+    (:mod:`hsae_jax.xla_determinism`). False when it cannot tell."""
+    root = os.path.join(run_dir, "checkpoints")
+    try:
+        steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True)
+    except OSError:
+        return False
+    for step in steps:
+        try:
+            with open(os.path.join(root, str(step), "meta", "metadata")) as f:
+                return bool(json.load(f)["train_config"].get("deterministic", False))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return False
 
 
 def saved_config(run_dir: str) -> tuple[TrainConfig, int]:
