@@ -340,6 +340,11 @@ if __name__ == "__main__":
 
         train(TrainConfig.from_flat(**json.loads(sys.argv[3])), sys.argv[2], progress=False)
         sys.exit(0)
+    if command == "resume":  # the same, continuing a run (argv[3]: the changed settings)
+        from hsae_jax.train import resume
+
+        resume(sys.argv[2], progress=False, **json.loads(sys.argv[3]))
+        sys.exit(0)
     assert jax.device_count() == 8, jax.devices()
     if command == "reshard":
         reshard(sys.argv[2])

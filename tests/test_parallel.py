@@ -185,21 +185,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    """jax.distributed on 127.0.0.1 with CPU collectives: 2 processes x 2 devices on mesh
-    (2, 2), each reading its half of every batch from a .npy file, end with the parameters
-    of one process on 4 devices; the run folder's records are written once."""
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "acts.npy", rng.normal(size=(1024, 16)).astype(np.float32))
-    settings = dict(d_model=16, n_latents=64, k=4, batch_size=32, steps=6, save_every=3,
-                    eval_every=6, log_every=3, eval_batches=1, warmup_steps=2, dead_tokens=64,
-                    data=str(tmp_path / "acts.npy"), mesh="data=2,model=2")
+def _two_processes(command: str, run_dir, settings: dict) -> list[str]:
+    """``mesh_runs.py COMMAND RUN_DIR SETTINGS`` in 2 processes x 2 CPU devices joined by
+    jax.distributed on 127.0.0.1; returns their logs (both must exit 0)."""
     port = _free_port()
-    env = cpu_env(2)
     procs = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "mesh_runs.py"), "train", str(tmp_path / "two"),
+        [sys.executable, os.path.join(HERE, "mesh_runs.py"), command, str(run_dir),
          json.dumps({**settings, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
-                     "process_id": i})], env=env, stdout=subprocess.PIPE,
+                     "process_id": i})], env=cpu_env(2), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -207,6 +200,20 @@ def test_two_processes_equal_one(tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed on 127.0.0.1 with CPU collectives: 2 processes x 2 devices on mesh
+    (2, 2), each reading its half of every batch from a .npy file, end with the parameters
+    of one process on 4 devices; the run folder's records are written once. Both resume
+    (the two processes join before the checkpoint is opened) and end equal again."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", rng.normal(size=(1024, 16)).astype(np.float32))
+    settings = dict(d_model=16, n_latents=64, k=4, batch_size=32, steps=6, save_every=3,
+                    eval_every=6, log_every=3, eval_batches=1, warmup_steps=2, dead_tokens=64,
+                    data=str(tmp_path / "acts.npy"), mesh="data=2,model=2")
+    logs = _two_processes("train", tmp_path / "two", settings)
     assert "training hierarchical SAE" in logs[0] and "training" not in logs[1]
     run_script("train", str(tmp_path / "one"), json.dumps(settings), devices=4)
     two = HierarchicalTopKSAE.load(str(tmp_path / "two")).params()
@@ -215,6 +222,12 @@ def test_two_processes_equal_one(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().split("\n")
                if x]
     assert [r["step"] for r in records if "loss" in r] == [3, 6]
+
+    _two_processes("resume", tmp_path / "two", {"steps": 9})
+    run_script("resume", str(tmp_path / "one"), json.dumps({"steps": 9}), devices=4)
+    two = HierarchicalTopKSAE.load(str(tmp_path / "two")).params()
+    one = HierarchicalTopKSAE.load(str(tmp_path / "one")).params()
+    chex.assert_trees_all_close(two, one, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ in this process

@@ -43,9 +43,9 @@ from hsae_jax.train.run_dir import (
     TrainingFailedError,
     check_resume_settings,
     flag,
+    peek_saved_settings,
     resolve_paths,
     saved_config,
-    saved_deterministic,
 )
 from hsae_jax.train.step import (
     learning_rate_schedule,
@@ -202,8 +202,13 @@ def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
     """Continues the run in ``run_dir`` with its saved settings; ``changes`` (flat
     settings) may repeat saved values or change those in ``RESUMABLE_CHANGES``
     (``steps`` not below the checkpoint's step)."""
-    if changes.get("deterministic") or saved_deterministic(run_dir):
-        xla_determinism.request(log)  # before orbax (saved_config) starts JAX's backend
+    # before orbax (saved_config) starts JAX's backend: XLA's flags, the processes joined
+    early = {**peek_saved_settings(run_dir), **{k: v for k, v in changes.items()
+                                                 if v is not None}}
+    if early.get("deterministic"):
+        xla_determinism.request(log)
+    distributed.initialize(early.get("coordinator"), early.get("num_processes"),
+                           early.get("process_id"))
     saved, step = saved_config(run_dir)
     if isinstance(changes.get("steps"), int) and changes["steps"] < step:
         raise ValueError(f"--steps={changes['steps']} is below the checkpoint's step {step}: "

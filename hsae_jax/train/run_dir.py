@@ -210,23 +210,25 @@ def check_resume_settings(saved: dict, tc: TrainConfig, step: int) -> None:
                          f"resumed run can only go on (--steps >= {step})")
 
 
-def saved_deterministic(run_dir: str) -> bool:
-    """Whether the newest readable checkpoint of ``run_dir`` was saved by a deterministic
-    run, read from orbax's JSON file itself: opening the checkpoints with orbax starts
-    JAX's backend, after which XLA's flags can no longer be set
-    (:mod:`hsae_jax.xla_determinism`). False when it cannot tell."""
+def peek_saved_settings(run_dir: str) -> dict:
+    """The flat settings saved with the newest readable checkpoint of ``run_dir``, read
+    from orbax's JSON file itself ({} when it cannot tell): opening the checkpoints with
+    orbax starts JAX's backend, and what must come before that (XLA's flags,
+    :mod:`hsae_jax.xla_determinism`; ``jax.distributed.initialize``) needs a few of them."""
     root = os.path.join(run_dir, "checkpoints")
     try:
         steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True)
     except OSError:
-        return False
+        return {}
     for step in steps:
         try:
             with open(os.path.join(root, str(step), "meta", "metadata")) as f:
-                return bool(json.load(f)["train_config"].get("deterministic", False))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                settings = json.load(f)["train_config"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return False
+        if isinstance(settings, dict):
+            return settings
+    return {}
 
 
 def saved_config(run_dir: str) -> tuple[TrainConfig, int]:
