@@ -36,10 +36,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hsae_jax.bench import common  # noqa: E402
+from hsae_jax.bench.step import trainer_step  # noqa: E402
 from hsae_jax.io_utils import atomic_write_json  # noqa: E402
-from hsae_jax.model import init_arrays  # noqa: E402
-from hsae_jax.train import TrainConfig  # noqa: E402
-from hsae_jax.train.step import make_mesh, make_optimizer, make_train_step  # noqa: E402
 
 # (piece, pattern on the op's op_name), first match wins
 PIECES = (
@@ -139,35 +137,17 @@ def _leaves(events: list[dict]) -> list[dict]:
     return leaves
 
 
-def build_step(args):
-    tc = TrainConfig.from_flat(d_model=args.d_model, n_latents=args.n_latents, k=args.k,
-                               batch_size=args.batch, steps=10_000, backend=args.backend,
-                               compute_dtype=args.compute_dtype)
-    cfg = tc.sae
-    tx = make_optimizer(tc)
-    step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
-    params, stats = init_arrays(cfg, jax.random.key(0))
-    n_dead = int(args.dead * cfg.n_latents)
-    dead = jax.random.permutation(jax.random.key(1), cfg.n_latents)[:n_dead]
-    stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)
-    x = jax.random.normal(jax.random.key(2), (args.batch, args.d_model), jnp.float32)
-    state = [params, stats, tx.init(params)]
-    hlo = step.lower(*state, x).compile().as_text()
-
-    def run():
-        fixed = jax.tree.map(jnp.copy, state[1]) if n_dead else state[1]
-        state[0], carried, state[2], metrics = step(state[0], fixed, state[2], x)
-        if not n_dead:
-            state[1] = carried
-        return metrics["loss"]
-
-    return run, hlo, tc
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run, hlo, tc = build_step(args)
+    trainer = trainer_step(args.batch, args.n_latents, args.d_model, args.k,
+                           args.compute_dtype, args.dead, args.backend)
+    x = jax.random.normal(jax.random.key(2), (args.batch, args.d_model), jnp.float32)
+    hlo = trainer.step.lower(*trainer.state, x).compile().as_text()
     module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
+
+    def run():
+        return trainer.run(x)
+
     timing = common.time_calls(run, warmup=args.warmup, iters=args.steps)
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="hsae-profile-")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -192,7 +172,8 @@ def main(argv=None) -> int:
             "calls_per_step": counts[op] / args.steps, "op_name": scopes.get(op, "")}
            for op, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]]
     print(f"trainer step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k} "
-          f"{args.compute_dtype}, {args.dead:.0%} dead, backend {tc.kernels().backend}; "
+          f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
+          f"{trainer.tc.kernels().backend}; "
           f"{args.steps} steps traced")
     print(f"step wall time {timing['median_ms']:.3f} ms (median of {args.steps}); traced "
           f"{traced_ms:.3f} ms a step; device busy {device_ms:.3f} ms a step\n")

@@ -58,9 +58,12 @@ def _cast(compute_dtype: str, x):
     return x.astype(jnp.bfloat16) if compute_dtype == "bfloat16" else x
 
 
-def main_residual(params, xs, vals, indices) -> jax.Array:
-    """[B, D] float32: xs minus the main reconstruction from (vals, indices), constant."""
-    recon0 = jnp.broadcast_to(params["b_dec"].astype(jnp.float32), xs.shape)
+def main_residual(params, xs, vals, indices, b_dec=None) -> jax.Array:
+    """[B, D] float32: xs minus the main reconstruction from (vals, indices), constant.
+    ``b_dec``: the decoder bias to use (default ``params["b_dec"]``; a D slice of it when
+    ``xs`` and ``params["W_dec"]`` are that slice's columns)."""
+    b_dec = params["b_dec"] if b_dec is None else b_dec
+    recon0 = jnp.broadcast_to(b_dec.astype(jnp.float32), xs.shape)
     recon = weighted_row_sum(params["W_dec"], indices, vals, 8, recon0)
     return jax.lax.stop_gradient(xs - recon)
 

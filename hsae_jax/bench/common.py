@@ -55,6 +55,13 @@ def compiled_extra_bytes(jitted, *args) -> int | None:
                - stats.alias_size_in_bytes)
 
 
+def step_memory(step, state, x) -> dict:
+    """The memory figures of one training step ``step(*state, x)``: ``state_bytes`` (the
+    state kept between steps) and ``extra_bytes`` (:func:`compiled_extra_bytes`)."""
+    return {"state_bytes": tree_bytes(state),
+            "extra_bytes": compiled_extra_bytes(step, *state, x)}
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 10) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read plus written."""
     x = jnp.ones((nbytes // 4,), jnp.float32)

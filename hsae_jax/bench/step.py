@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +74,24 @@ class StepBenchSettings:
         return cls(**{**base, **overrides})
 
 
-def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
-    """(run, memory) of hsae-jax's trainer step; with ``dead_fraction`` that share of the
-    latents is dead (AuxK runs) in every call: the dead-latent counters are not carried
-    between calls. ``memory(x)``: {"state_bytes", "extra_bytes"}."""
+class TrainerStep(NamedTuple):
+    """The trainer's step on one device, ready to time: ``run(x)`` takes one step on the
+    batch x [B, D] and returns its loss; ``step`` is the jitted step and ``state`` the
+    current [params, stats, opt_state] it takes (for lowering); ``tc`` its settings."""
+
+    run: Callable
+    step: Callable
+    state: list
+    tc: TrainConfig
+
+
+def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
+                 backend: str = "auto") -> TrainerStep:
+    """hsae-jax's trainer step (``make_train_step``, as ``hsae train`` builds it) at
+    B, F, D, K; with ``dead_fraction`` that share of the latents is dead (AuxK runs) in
+    every call: the dead-latent counters are not carried between calls."""
     tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
-                               steps=10_000)
+                               steps=10_000, backend=backend)
     cfg = tc.sae
     tx = make_optimizer(tc)
     mesh = make_mesh(1)  # the step the trainer takes for these settings on one device
@@ -94,11 +108,13 @@ def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
             state[1] = carried
         return metrics["loss"]
 
-    def memory(x):
-        return {"state_bytes": common.tree_bytes(state),
-                "extra_bytes": common.compiled_extra_bytes(step, *state, x)}
+    return TrainerStep(run, step, state, tc)
 
-    return run, memory
+
+def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
+    """(run, memory) of :func:`trainer_step`; ``memory(x)``: :func:`common.step_memory`."""
+    run, step, state, _ = trainer_step(b, f, d, k, dtype, dead_fraction)
+    return run, functools.partial(common.step_memory, step, state)
 
 
 def _naive_step(b, f, d, k):
@@ -127,11 +143,7 @@ def _naive_step(b, f, d, k):
         state[0], state[1], loss = step(*state, x)
         return loss
 
-    def memory(x):
-        return {"state_bytes": common.tree_bytes(state),
-                "extra_bytes": common.compiled_extra_bytes(step, *state, x)}
-
-    return run, memory
+    return run, functools.partial(common.step_memory, step, state)
 
 
 def _torch_step(seed_kernels, b, f, d, k):

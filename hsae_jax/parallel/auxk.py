@@ -44,10 +44,10 @@ from hsae_jax.auxk import (
     dead_preactivations,
     distinct_padding,
     loss_and_grads_in_bucket,
+    main_residual,
 )
 from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
 from hsae_jax.parallel.mesh import MODEL, Axes
-from hsae_jax.sparse_rows import weighted_row_sum
 
 # With latents on ``model`` the buckets are coarser than the one-device ones: with buckets
 # of F/m/2 and F/m/8 as well, XLA's CPU runtime (jaxlib 0.10) crashed (SIGSEGV) running
@@ -66,25 +66,17 @@ def _cast(compute_dtype: str, x):
     return x.astype(jnp.bfloat16) if compute_dtype == "bfloat16" else x
 
 
-def residual_slice(params, xs_slice, b_dec_slice, vals, indices) -> jax.Array:
-    """[B, D/m] float32: this device's D slice of xs minus the main reconstruction
-    (W_dec's block of columns), constant."""
-    recon0 = jnp.broadcast_to(b_dec_slice.astype(jnp.float32), xs_slice.shape)
-    recon = weighted_row_sum(params["W_dec"], indices, vals, 8, recon0)
-    return jax.lax.stop_gradient(xs_slice - recon)
-
-
 def _residual(axes: Axes, params, xs, vals, indices, reconstruction=None) -> jax.Array:
-    """[B, D/m] float32: :func:`residual_slice` of this device's D slice; from
-    ``reconstruction`` [B, D/m] (the main loss's recon_K of that slice) when given."""
+    """[B, D/m] float32: this device's D slice of xs minus the main reconstruction
+    (W_dec's block of columns), constant: from ``reconstruction`` [B, D/m] (the main loss's
+    recon_K of that slice) when given, else :func:`hsae_jax.auxk.main_residual`."""
     d_local = xs.shape[1] // axes.model
     start = axes.model_index() * d_local
     xs_slice = jax.lax.dynamic_slice_in_dim(xs, start, d_local, axis=1)
     if reconstruction is not None:
         return jax.lax.stop_gradient(xs_slice - reconstruction)
-    return residual_slice(params, xs_slice,
-                          jax.lax.dynamic_slice_in_dim(params["b_dec"], start, d_local),
-                          vals, indices)
+    return main_residual(params, xs_slice, vals, indices,
+                         b_dec=jax.lax.dynamic_slice_in_dim(params["b_dec"], start, d_local))
 
 
 def _variance(axes: Axes, residual, batch: int, d_model: int):

@@ -96,23 +96,20 @@ def merge_top_k_mask(values: jax.Array, k: int, size: int, *, backend: str = "au
     """
     values = jax.lax.stop_gradient(values)
     b, n = values.shape
-    rows = jnp.arange(b)[:, None]
-    if n > k:
-        local = top_k_mask(values, k, backend=backend, config=config)
-        slot = jnp.where(local, jnp.cumsum(local, axis=1, dtype=jnp.int32) - 1, k)  # [B, n]
-        compact = jnp.zeros((b, k), values.dtype).at[rows, slot].set(values, mode="drop")
-    else:  # every column is a candidate already, in column order
-        local, compact = None, values
-        slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    c = compact.shape[1]
-    if size * c <= k:  # every candidate wins
-        won = None
-    else:
-        every = jax.lax.all_gather(compact, MODEL, axis=1, tiled=True)  # [B, m * c]
-        won = jax.lax.dynamic_slice_in_dim(
-            top_k_mask(every, k, backend=backend, config=config),
-            jax.lax.axis_index(MODEL) * c, c, axis=1)  # [B, c]: this device's candidates
-    if won is None:
+    local = top_k_mask(values, k, backend=backend, config=config) if n > k else None
+    c = min(n, k)
+    if size * c <= k:  # every candidate wins (one device: its own top k)
         return jnp.ones((b, n), jnp.bool_) if local is None else local
+    if local is not None:
+        slot = jnp.where(local, jnp.cumsum(local, axis=1, dtype=jnp.int32) - 1, k)  # [B, n]
+        compact = jnp.zeros((b, k), values.dtype).at[jnp.arange(b)[:, None], slot].set(
+            values, mode="drop")
+    else:  # every column is a candidate already, in column order
+        compact = values
+        slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    every = jax.lax.all_gather(compact, MODEL, axis=1, tiled=True)  # [B, m * c]
+    won = jax.lax.dynamic_slice_in_dim(
+        top_k_mask(every, k, backend=backend, config=config),
+        jax.lax.axis_index(MODEL) * c, c, axis=1)  # [B, c]: this device's candidates
     chosen = jnp.take_along_axis(won, jnp.minimum(slot, c - 1), axis=1)
     return chosen if local is None else chosen & local
