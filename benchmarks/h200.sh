@@ -7,6 +7,8 @@
 # triton371-slim.tar.xz (the Triton 3.7.1 cp312 wheel unpacked, libtriton.so stripped of
 # debug symbols, without the Blackwell ptxas, cupti and profiler test libraries, so that it
 # fits one call's 64 MiB).
+# Several GPUs: CUDA_VISIBLE_DEVICES picks the GPU(s) a run sees; benchmarks/per_gpu.sh
+# starts runs side by side, one per GPU.
 #   tests        pytest -m gpu (the triton backend against the oracle and reference), 4 workers
 #   bench-loss   hsae bench (decoder loss) with the seed's torch kernel from .seed/
 #   sweep        benchmarks/sweep_loss.py (kernel variants and block sizes)
@@ -31,9 +33,12 @@
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
+#   "wait-for:PATH" waits until PATH exists (a file another GPU's run writes)
 #   "py:ARGS"     python3 with ARGS (separated by ';'), e.g. "py:benchmarks/shard_h200.py;--mode;step"
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# NVLink multicast stays off on the lent multi-GPU machines (device tool's KINDS.md)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/hsae-out}
 mkdir -p "$OUT"
 if [ "${STACK:-0.3}" = "0.4" ]; then
@@ -41,8 +46,9 @@ if [ "${STACK:-0.3}" = "0.4" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 \
     .whl37/jax_triton-0.4.1-py3-none-any.whl || exit 1
   export PYTHONPATH="/tmp/site2:$PWD"
-else
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+else  # once per machine: runs started side by side (one per GPU) share the install
+  [ -d /tmp/site/jax_triton ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD"
 fi
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache
@@ -109,6 +115,7 @@ for step in "$@"; do
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"
       python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
+    wait-for:*) until [ -e "${step#wait-for:}" ]; do sleep 5; done ;;
     py:*) IFS=';' read -ra a <<<"${step#py:}"
       python3 "${a[@]}" 2>&1 | tee -a "$OUT/py.log" ;;
     *) echo "unknown step $step"; status=2 ;;
