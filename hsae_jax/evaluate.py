@@ -78,8 +78,34 @@ def summarize(cfg: SAEConfig, totals: dict, n: int, k_eval: int, w_dec: jax.Arra
     return metrics
 
 
-def mean_max_cosine(w_dec: jax.Array, true_features: jax.Array) -> float:
-    """Mean over true features of max_f cos(true feature, decoder row f)."""
-    w = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+COSINE_ROWS = 8192
+"""Decoder rows compared with the true features at a time by :func:`mean_max_cosine`."""
+
+
+def mean_max_cosine(w_dec: jax.Array, true_features: jax.Array,
+                    rows: int = COSINE_ROWS) -> float:
+    """Mean over true features of max_f cos(true feature, decoder row f).
+
+    w_dec [F, D] (any sharding), true_features [n, D]. The decoder rows are taken
+    ``rows`` at a time with a running maximum, so only an [n, rows] block of similarities
+    exists at once (the whole [n, F] is 64 GiB at n = 2^14, F = 2^20)."""
+    return float(_mean_max_cosine(w_dec, true_features, min(rows, w_dec.shape[0])))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _mean_max_cosine(w_dec, true_features, rows):
+    f, d = w_dec.shape
+    blocks = -(-f // rows)
     t = true_features / jnp.linalg.norm(true_features, axis=1, keepdims=True)
-    return float(jnp.mean(jnp.max(t @ w.T, axis=1)))
+    w = jnp.pad(w_dec, ((0, blocks * rows - f), (0, 0))).reshape(blocks, rows, d)
+    real = (jnp.arange(blocks * rows) < f).reshape(blocks, rows)
+
+    def best_so_far(best, block):
+        w_block, real_block = block
+        w_block = w_block / jnp.linalg.norm(w_block, axis=1, keepdims=True)
+        cos = jnp.where(real_block[None, :], t @ w_block.T, -jnp.inf)  # [n, rows]
+        return jnp.maximum(best, jnp.max(cos, axis=1)), None
+
+    start = jnp.full((t.shape[0],), -jnp.inf, t.dtype)
+    best, _ = jax.lax.scan(best_so_far, start, (w, real))
+    return jnp.mean(best)
