@@ -48,8 +48,11 @@ class KernelSettings:
     def create(cls, backend: Backend = "auto", *, deterministic: bool = False) -> KernelSettings:
         """Settings for ``backend``; ``deterministic``: bitwise-reproducible loss and
         gradients on the kernel backends (``TritonLossConfig(deterministic=True)``; the
-        xla backend on a CPU is deterministic already)."""
-        return cls(backend, loss=TritonLossConfig(deterministic=True) if deterministic else None)
+        xla backend on a CPU is deterministic already, and on a GPU with XLA's
+        ``--xla_gpu_deterministic_ops``, which ``hsae train --deterministic`` sets)."""
+        kernels = backend in ("auto", "triton", "interpret")
+        return cls(backend, loss=TritonLossConfig(deterministic=True)
+                   if deterministic and kernels else None)
 
     @property
     def deterministic(self) -> bool:

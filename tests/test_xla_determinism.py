@@ -87,6 +87,24 @@ def test_a_deterministic_run_starts_xla_with_deterministic_ops(tmp_path):
     assert not any("warning" in m for m in report["messages"])
 
 
+@pytest.mark.parametrize("backend", ["xla", "reference"])
+def test_deterministic_runs_on_the_xla_backends_train_with_xlas_deterministic_ops(
+        tmp_path, backend):
+    """--deterministic with a backend that runs no Triton kernel: no kernel settings to
+    pass (it used to fail with 'does not configure backend'), XLA's flag set, the same
+    parameters twice."""
+    from safetensors.numpy import load_file
+
+    shape = {**TINY, "backend": backend}
+    params = []
+    for name in ("a", "b"):
+        report = _train_in_child(tmp_path / name, True, shape=shape)
+        assert xla_determinism.FLAG in report["xla_flags"].split()
+        params.append(load_file(str(tmp_path / name / "sae.safetensors")))
+    for key in params[0]:
+        np.testing.assert_array_equal(params[0][key], params[1][key], err_msg=key)
+
+
 RESUME_CHILD = r"""
 import json, os, sys
 from hsae_jax.train import resume

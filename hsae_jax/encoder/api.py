@@ -207,5 +207,5 @@ def make_encoder(k: int, *, backend: Backend = "auto", topk_config: TopKConfig |
     _, topk_config = backends.resolve(backend, topk_config, kernel_config=TopKConfig,
                                       argument="topk_config")
     if concrete == "reference":
-        concrete, topk_config = "xla", None
+        concrete, topk_config, config = "xla", None, SparseEncoderConfig()
     return Encoder(concrete, k, topk_config, config)
