@@ -336,3 +336,36 @@ def test_closing_early_stops_the_thread():
             break
     batches.close()
     assert len(source.read) < 20
+
+
+def test_synthetic_batches_made_on_each_device_equal_the_whole_batch():
+    """On a (data=4, model=2) mesh of 8 CPU devices (a subprocess): ``placed`` makes each
+    batch with the batch's sharding, each data shard holding its own rows, and the rows
+    equal those of the one-device generator (the same random draws, float32 tolerance
+    for the mixing matmul)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np, jax
+        from hsae_jax.data import SyntheticActivations, SyntheticConfig
+        from hsae_jax.parallel import make_layout
+        layout = make_layout("data=4,model=2", 8)
+        whole = SyntheticActivations(SyntheticConfig(d_model=16, n_features=48, seed=3), 64)
+        placed = whole.placed(layout.batch_sharding)
+        for step in (0, 7, 123):
+            x = placed.batch(step)
+            assert x.sharding == layout.batch_sharding, x.sharding
+            assert {s.data.shape for s in x.addressable_shards} == {(16, 16)}
+            want = np.asarray(whole.batch(step))
+            assert np.abs(want).max() > 0.1
+            np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5, atol=1e-6)
+        print("ok")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +58,26 @@ class SyntheticActivations:
             leader[:n_grouped] = leader[:n_grouped] // cfg.group_size * cfg.group_size
         self.leader = jnp.asarray(leader, jnp.int32)
         self._key = jax.random.key(cfg.seed)
+        self._generate = _synthetic_batch
 
     def batch(self, step: int) -> jax.Array:
         """[batch_size, D] float32 activations of batch number ``step``."""
-        return _synthetic_batch(self._key, step, self.batch_size, self.features, self.probs,
-                                self.scales, self.leader, self.cfg.co_occurrence,
-                                self.cfg.noise)
+        return self._generate(self._key, step, self.batch_size, self.features, self.probs,
+                              self.scales, self.leader, self.cfg.co_occurrence,
+                              self.cfg.noise)
+
+    def placed(self, sharding: jax.sharding.NamedSharding) -> SyntheticActivations:
+        """This generator making every batch with ``sharding`` (rows split over devices):
+        each device draws and mixes only its own rows, so on a data-parallel mesh no
+        device makes the whole batch for the others. The random draws are the same on
+        any mesh (partitionable random bits); the mixing matmul's float32 rounding may
+        differ with the rows per device. This process's devices only."""
+        placed = copy.copy(self)
+        everywhere = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        for name in ("features", "probs", "scales", "leader"):  # copied once, not per batch
+            setattr(placed, name, jax.device_put(getattr(self, name), everywhere))
+        placed._generate = jax.jit(_batch_rows, static_argnums=(2,), out_shardings=sharding)
+        return placed
 
     def describe(self) -> str:
         c = self.cfg
@@ -71,9 +85,8 @@ class SyntheticActivations:
                 f"~{c.mean_active:g} active per token, seed {c.seed}")
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _synthetic_batch(key, step, batch_size, features, probs, scales, leader, co_occurrence,
-                     noise):
+def _batch_rows(key, step, batch_size, features, probs, scales, leader, co_occurrence,
+                noise):
     k_fire, k_group, k_mag, k_noise = jax.random.split(jax.random.fold_in(key, step), 4)
     n = probs.shape[0]
     fires = jax.random.uniform(k_fire, (batch_size, n)) < probs
@@ -83,3 +96,6 @@ def _synthetic_batch(key, step, batch_size, features, probs, scales, leader, co_
     magnitude = scales * jax.random.exponential(k_mag, (batch_size, n))
     x = (active * magnitude) @ features
     return x + noise * jax.random.normal(k_noise, x.shape)
+
+
+_synthetic_batch = jax.jit(_batch_rows, static_argnums=(2,))

@@ -224,6 +224,8 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     kernels = tc.kernels()
     layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
     layout.check(cfg, tc.batch_size)
+    if hasattr(source, "placed") and jax.process_count() == 1:
+        source = source.placed(layout.batch_sharding)  # each device makes its own rows
     tx = make_optimizer(tc, layout)
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
