@@ -270,5 +270,13 @@ def test_loss_and_reconstruction_gives_the_loss_and_the_full_reconstruction(
     expected = f64[3] + np.sum(f64[2][..., None] * rows, axis=1)
     np.testing.assert_allclose(recon, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(loss, plain)
-    for got, want in zip(grads, plain_grads, strict=True):  # recon adds no gradient
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # recon adds no gradient: the same gradients, bit for bit where the kernels are
+    # deterministic; on the GPU the weight gradient's float atomics add in any order
+    exact = backend != "triton" or config.deterministic
+    for got, want in zip(grads, plain_grads, strict=True):
+        rtol = 1e-5 if got.dtype == jnp.float32 else 2.0 ** -7  # one bfloat16 rounding step
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-8)
