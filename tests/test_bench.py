@@ -188,3 +188,42 @@ def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
     assert profile.piece_of("jit(step)/auxk/cond/branch_1_fun/jvp()/top_k") == "AuxK"
     assert profile.piece_of("jit(step)/jvp(encoder)/top_k/top_k") == "top-k"
     assert profile.piece_of(None) == "other (glue)"
+
+
+def test_multi_gpu_benchmark_smoke(tmp_path):
+    """benchmarks/multi_gpu.py on 2 CPU devices: meshes (2,1) and (1,2) train like one
+    device (metrics, FVU per k and parameters to float32 tolerance), the scaling runs
+    report tokens/s on 1 and 2 devices, the latent-sharded runs report the plan's memory
+    and the FVU at every k."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "multi.json"
+    root = str(_benchmark_path("multi_gpu").parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(_benchmark_path("multi_gpu")), "--tiny", "--no-file-runs",
+         "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["gpus"] == 2
+    correct = payload["correctness"]
+    assert [r["mesh"] for r in correct["rows"]] == ["1 GPU", "mesh (2,1)", "mesh (1,2)"]
+    assert correct["same"], correct["rows"]
+    for row in correct["rows"][1:]:
+        assert set(row["metric_rel_diff"]) >= {"loss", "l0", "grad_norm"}
+        assert set(row["param_rel_diff"]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    scaling = payload["scaling"]["rows"]
+    assert [(r["data"], r["gpus"]) for r in scaling] == [("synthetic", 1), ("synthetic", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in scaling) and scaling[1]["speedup"] > 0
+    sharded = payload["sharded"]["rows"]
+    assert [(r["n_latents"], r["options"]) for r in sharded] == [(512, "default"),
+                                                                 (1024, "low-memory")]
+    for row in sharded:
+        assert len(row["fvu_per_k"]) == 8 and all(0 < v < 10 for v in row["fvu_per_k"])
+        assert row["plan_gb"] > 0 and os.path.exists(row["fvu_png"])
+    assert "latent-sharded runs" in proc.stdout
