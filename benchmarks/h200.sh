@@ -33,7 +33,7 @@
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
-#   "wait-for:PATH" waits until PATH exists (a file another GPU's run writes)
+#   "wait-for:PATH" waits until PATH exists (a file another GPU's run writes), 10 minutes at most
 #   "py:ARGS"     python3 with ARGS (separated by ';'), e.g. "py:benchmarks/shard_h200.py;--mode;step"
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -41,10 +41,12 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/hsae-out}
 mkdir -p "$OUT"
-if [ "${STACK:-0.3}" = "0.4" ]; then
-  mkdir -p /tmp/site2 && tar -C /tmp/site2 -xJf .whl37/triton371-slim.tar.xz || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 \
-    .whl37/jax_triton-0.4.1-py3-none-any.whl || exit 1
+if [ "${STACK:-0.3}" = "0.4" ]; then  # once per machine, as below
+  if [ ! -d /tmp/site2/jax_triton ]; then
+    mkdir -p /tmp/site2 && tar -C /tmp/site2 -xJf .whl37/triton371-slim.tar.xz || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 \
+      .whl37/jax_triton-0.4.1-py3-none-any.whl || exit 1
+  fi
   export PYTHONPATH="/tmp/site2:$PWD"
 else  # once per machine: runs started side by side (one per GPU) share the install
   [ -d /tmp/site/jax_triton ] || python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -115,7 +117,9 @@ for step in "$@"; do
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"
       python3 -m hsae_jax.cli bench "${a[@]}" 2>&1 | tee -a "$OUT/bench.log" ;;
-    wait-for:*) until [ -e "${step#wait-for:}" ]; do sleep 5; done ;;
+    wait-for:*) path=${step#wait-for:}; waited=0  # at most 10 minutes
+      until [ -e "$path" ] || [ $waited -ge 600 ]; do sleep 5; waited=$((waited + 5)); done
+      [ -e "$path" ] || { echo "gave up waiting for $path"; false; } ;;
     py:*) IFS=';' read -ra a <<<"${step#py:}"
       python3 "${a[@]}" 2>&1 | tee -a "$OUT/py.log" ;;
     *) echo "unknown step $step"; status=2 ;;

@@ -56,6 +56,8 @@ class KernelSettings:
 
     @property
     def deterministic(self) -> bool:
+        """Whether the loss runs on the Triton kernels' deterministic mode (the xla and
+        reference backends have no such setting: XLA's flag decides for them)."""
         return isinstance(self.loss, TritonLossConfig) and self.loss.deterministic
 
 

@@ -279,8 +279,6 @@ def test_the_loaders_batches_equal_the_sources_in_float32(tmp_path, dtype):
 def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path):
     """On a (data=2, model=2) mesh of 4 CPU devices (a subprocess): float16 rows arrive
     float32 with the batch's sharding, and a NaN row is named."""
-    import subprocess
-    import sys
     import textwrap
 
     rows = rows_of(512, 8, np.float16)
@@ -311,12 +309,7 @@ def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path)
             raise AssertionError("no error for the NaN row")
         print("ok", len(good))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.startswith("ok")
+    _run_on_cpu_devices(script, 4)
 
 
 def test_a_read_error_surfaces_at_its_step():
@@ -343,8 +336,6 @@ def test_synthetic_batches_made_on_each_device_equal_the_whole_batch():
     batch with the batch's sharding, each data shard holding its own rows, and the rows
     equal those of the one-device generator (the same random draws, float32 tolerance
     for the mixing matmul)."""
-    import subprocess
-    import sys
     import textwrap
 
     script = textwrap.dedent("""
@@ -363,7 +354,15 @@ def test_synthetic_batches_made_on_each_device_equal_the_whole_batch():
             np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5, atol=1e-6)
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    _run_on_cpu_devices(script, 8)
+
+
+def _run_on_cpu_devices(script: str, devices: int) -> None:
+    """Runs ``script`` in a fresh process with ``devices`` CPU devices; it must print ok."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=300)

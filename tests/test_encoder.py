@@ -128,3 +128,23 @@ def test_the_dx_gather_runs_only_when_x_is_differentiated(wrt_x):
                             argnums=argnums))
     hlo = grad.lower(*inputs).compile().as_text()
     assert (" gather(" in hlo) == wrt_x
+
+
+def test_the_reference_backends_sparse_encoder_takes_its_config():
+    """What the trainer runs on backend="reference": the xla encoder, configured (scoring
+    rows a few at a time gives the same selection); topk_encode's dense reference path
+    takes no config."""
+    from hsae_jax.encoder.api import make_encoder
+
+    rng = np.random.default_rng(5)
+    x, w, b_enc, b_dec = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in ((20, 8), (32, 8), (32,), (8,)))
+    enc = make_encoder(4, backend="reference", config=SparseEncoderConfig(forward_rows=6))
+    assert enc.backend == "xla" and enc.config.forward_rows == 6
+    vals, indices, _ = enc.forward(x, w, b_enc, b_dec)
+    want_vals, want_indices = topk_encode(x, w, b_enc, b_dec, 4, backend="reference")
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(vals, want_vals, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="does not configure backend='reference'"):
+        topk_encode(x, w, b_enc, b_dec, 4, backend="reference",
+                    config=SparseEncoderConfig(forward_rows=6))

@@ -288,6 +288,27 @@ def test_memory_plan_counts_what_each_device_holds(capsys):
     assert "| 2304 | 2^24 |" in capsys.readouterr().out
 
 
+def test_fits_leaves_room_the_h200s_showed_is_needed():
+    """What trained and what ran out of memory on the H200s: F = 2^19 on one (estimated
+    83 GB) fits; F = 2^22 on two with the low-memory options (135 GB, 96% of 141 GB) ran
+    out of memory in its first step, so it does not, nor F = 2^24 on 8 (the same per
+    device)."""
+    from hsae_jax.parallel.plan import LOW_MEMORY, PlanSettings, fits, memory_plan
+
+    assert fits(memory_plan(PlanSettings(2**19, 2304))["total"])
+    for f, m in ((2**22, 2), (2**24, 8)):
+        assert not fits(memory_plan(PlanSettings(f, 2304, model=m, **LOW_MEMORY))["total"])
+
+
+def test_the_readme_holds_hsae_plans_tables():
+    import pathlib
+
+    from hsae_jax.parallel.plan import tables_markdown
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert tables_markdown() in readme
+
+
 @pytest.mark.parametrize("auxk_coef", [0.0, 1 / 32])
 def test_memory_plan_is_near_what_xla_allocates(auxk_coef):
     """The estimate against XLA's own buffer assignment for the compiled step (here the

@@ -74,7 +74,7 @@ class SyntheticActivations:
         differ with the rows per device. This process's devices only."""
         placed = copy.copy(self)
         everywhere = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        for name in ("features", "probs", "scales", "leader"):  # copied once, not per batch
+        for name in ("features", "probs", "scales", "leader", "_key"):  # once, not per batch
             setattr(placed, name, jax.device_put(getattr(self, name), everywhere))
         placed._generate = jax.jit(_batch_rows, static_argnums=(2,), out_shardings=sharding)
         return placed

@@ -188,6 +188,9 @@ def topk_encode(
         )
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= f:
         raise ValueError(f"k={k!r} must be an int in [1, F={f}] (w_enc.shape={(f, d)})")
+    if backends.resolve_backend(backend) == "reference" and config is not None:
+        raise TypeError(f"config={config!r} does not configure backend='reference' (dense "
+                        "autodiff)")
     enc = make_encoder(k, backend=backend, topk_config=topk_config, config=config)
     if backends.resolve_backend(backend) == "reference":
         pre = jnp.dot(x - b_dec.astype(x.dtype), w_enc.T.astype(x.dtype),
@@ -201,11 +204,16 @@ def make_encoder(k: int, *, backend: Backend = "auto", topk_config: TopKConfig |
                  config: SparseEncoderConfig | None = None) -> Encoder:
     """The :class:`Encoder` of :func:`topk_encode`'s sparse path for these arguments,
     resolved by :func:`hsae_jax.backends.resolve` (``"reference"`` gets the ``"xla"``
-    encoder: ``lax.top_k`` and the scatter-add backward)."""
+    encoder, ``lax.top_k`` and the scatter-add backward, configured by ``config``)."""
+    if backends.resolve_backend(backend) == "reference":
+        if topk_config is not None:
+            raise TypeError(f"topk_config={topk_config!r} does not configure "
+                            "backend='reference' (lax.top_k)")
+        _, config = backends.resolve("xla", config, kernel_config=SparseEncoderConfig,
+                                     xla_config=SparseEncoderConfig)
+        return Encoder("xla", k, None, config)
     concrete, config = backends.resolve(backend, config, kernel_config=SparseEncoderConfig,
                                         xla_config=SparseEncoderConfig)
     _, topk_config = backends.resolve(backend, topk_config, kernel_config=TopKConfig,
                                       argument="topk_config")
-    if concrete == "reference":
-        concrete, topk_config, config = "xla", None, SparseEncoderConfig()
     return Encoder(concrete, k, topk_config, config)

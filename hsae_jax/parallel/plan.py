@@ -183,8 +183,9 @@ def plan_report(tc, gpus: int | None = None, *, compile_step: bool = False,
             gpus = tc.devices or jax.device_count()
     settings = PlanSettings.from_train_config(tc, gpus)
     parts = memory_plan(settings)
-    verdict = "fits" if fits(parts["total"], device_gb * GB) else "does NOT fit"
-    verdict += f" (at most {USABLE_FRACTION:.0%} of the device)"
+    verdict = (f"fits (under {USABLE_FRACTION:.0%} of the device)"
+               if fits(parts["total"], device_gb * GB)
+               else f"does NOT fit (over {USABLE_FRACTION:.0%} of the device)")
     lines = [f"F={settings.n_latents} D={settings.d_model} K={settings.k} "
              f"B={settings.batch_size} on mesh data={settings.data},model={settings.model}; "
              f"params {settings.param_dtype}, Adam {settings.adam_dtype}, compute "
