@@ -30,6 +30,7 @@
 #                one, and the largest F that trains on one GPU (D=2304, K=64, B=4096)
 #   profile      benchmarks/profile_step.py: the trainer's step traced (jax.profiler) and its
 #                device time per piece: K=128 fp32 and bf16, K=64 with 10% of the latents dead
+#   profile-mesh the same on 2 GPUs, K=64: mesh data=2 (4096 rows each) and model=2
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
@@ -106,6 +107,9 @@ for step in "$@"; do
       mkdir -p "$OUT/$step" && cp "/tmp/$step/soak.json" "/tmp/$step/soak.png" "$OUT/$step/" ;;
     shard) python3 benchmarks/shard_h200.py --backend triton --out "$OUT/shard_h200.json" 2>&1 \
         | tee "$OUT/shard_h200.log" ;;
+    profile-mesh) for mesh in "data=2,model=1" "data=1,model=2"; do  # 2 GPUs or more
+        python3 benchmarks/profile_step.py --k 64 --mesh "$mesh" \
+          --out "$OUT/profile_k64_${mesh//[=,]/_}.json"; done 2>&1 | tee "$OUT/profile_mesh.log" ;;
     plan) for f in 262144 524288 1048576; do python3 -m hsae_jax.cli plan --compile \
         --backend triton --n-latents $f --d-model 2304 --k 64 --batch-size 4096 --mesh data=1,model=1; \
         done 2>&1 | tee "$OUT/plan.log" ;;

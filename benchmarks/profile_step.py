@@ -38,9 +38,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hsae_jax.bench import common  # noqa: E402
 from hsae_jax.bench.step import trainer_step  # noqa: E402
 from hsae_jax.io_utils import atomic_write_json  # noqa: E402
+from hsae_jax.parallel import MeshShape  # noqa: E402
 
 # (piece, pattern on the op's op_name), first match wins
 PIECES = (
+    ("gradient mean over data", r"\bdata_mean\b"),
     ("AuxK", r"\bauxk\b"),
     ("optimizer tail", r"\boptimizer\b"),
     ("counters", r"\bcounters\b"),
@@ -62,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--dead", type=float, default=0.0,
                    help="share of the latents dead in every traced step (AuxK runs)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--mesh", default=None,
+                   help="e.g. data=2,model=1: the step on this mesh (this process's first "
+                   "devices), --batch rows per data shard; device times are per device (the "
+                   "mean over the mesh); default one device")
     p.add_argument("--steps", type=int, default=10, help="steps traced")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="longest ops listed")
@@ -139,9 +145,13 @@ def _leaves(events: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    trainer = trainer_step(args.batch, args.n_latents, args.d_model, args.k,
-                           args.compute_dtype, args.dead, args.backend)
-    x = jax.random.normal(jax.random.key(2), (args.batch, args.d_model), jnp.float32)
+    shards, model = (MeshShape.parse(args.mesh).resolve(jax.device_count()) if args.mesh
+                     else (1, 1))
+    devices = shards * model
+    batch = args.batch * shards  # rows in all
+    trainer = trainer_step(batch, args.n_latents, args.d_model, args.k,
+                           args.compute_dtype, args.dead, args.backend, args.mesh)
+    x = trainer.put(jax.random.normal(jax.random.key(2), (batch, args.d_model), jnp.float32))
     hlo = trainer.step.lower(*trainer.state, x).compile().as_text()
     module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
 
@@ -163,18 +173,19 @@ def main(argv=None) -> int:
         shutil.rmtree(trace_dir, ignore_errors=True)
     scopes = op_scopes(hlo)
     pieces = collections.defaultdict(float)
+    per_step = 1e3 * args.steps * devices  # microseconds -> ms a step, per device
     for op, us in totals.items():
-        pieces[piece_of(scopes.get(op))] += us / 1e3 / args.steps
+        pieces[piece_of(scopes.get(op))] += us / per_step
     device_ms = sum(pieces.values())
     rows = [{"piece": p, "ms_per_step": ms, "share": ms / device_ms if device_ms else 0.0}
             for p, ms in sorted(pieces.items(), key=lambda kv: -kv[1])]
-    ops = [{"op": op, "piece": piece_of(scopes.get(op)), "ms_per_step": us / 1e3 / args.steps,
-            "calls_per_step": counts[op] / args.steps, "op_name": scopes.get(op, "")}
+    ops = [{"op": op, "piece": piece_of(scopes.get(op)), "ms_per_step": us / per_step,
+            "calls_per_step": counts[op] / args.steps / devices, "op_name": scopes.get(op, "")}
            for op, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]]
     print(f"trainer step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k} "
           f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
-          f"{trainer.tc.kernels().backend}; "
-          f"{args.steps} steps traced")
+          f"{trainer.tc.kernels().backend}, mesh {args.mesh or 'one device'} "
+          f"({batch} rows a step); {args.steps} steps traced; device times per device")
     print(f"step wall time {timing['median_ms']:.3f} ms (median of {args.steps}); traced "
           f"{traced_ms:.3f} ms a step; device busy {device_ms:.3f} ms a step\n")
     print(common.markdown_table(rows, [("piece", "piece", "s"),
@@ -188,7 +199,8 @@ def main(argv=None) -> int:
     atomic_write_json(args.out, {
         "benchmark": "profile_step", "device": common.device_info(),
         "workload": dict(batch=args.batch, n_latents=args.n_latents, d_model=args.d_model,
-                         k=args.k, compute_dtype=args.compute_dtype, dead=args.dead),
+                         k=args.k, compute_dtype=args.compute_dtype, dead=args.dead,
+                         mesh=args.mesh, devices=devices, rows_per_step=batch),
         "step_ms": timing["median_ms"], "traced_ms": traced_ms, "device_ms": device_ms,
         "pieces": rows, "ops": ops})
     print(f"\nwrote {args.out}")

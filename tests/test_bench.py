@@ -190,6 +190,28 @@ def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
     assert profile.piece_of(None) == "other (glue)"
 
 
+def test_step_profile_on_a_mesh_shows_the_gradient_mean_over_data(tmp_path):
+    """profile_step.py --mesh data=2,model=1 on 2 CPU devices (a subprocess): B rows per data
+    shard, device times per device, the data axis's gradient all-reduce a piece of its own."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(_benchmark_path("profile_step")), "--tiny", "--mesh",
+         "data=2,model=1", "--backend", "xla", "--steps", "3", "--warmup", "1", "--out",
+         str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["workload"]["devices"] == 2 and payload["workload"]["rows_per_step"] == 128
+    pieces = {r["piece"]: r["ms_per_step"] for r in payload["pieces"]}
+    assert pieces.get("gradient mean over data", 0) > 0, pieces
+    assert pieces.get("decoder loss", 0) > 0, pieces
+
+
 def test_multi_gpu_benchmark_smoke(tmp_path):
     """benchmarks/multi_gpu.py on 2 CPU devices: meshes (2,1) and (1,2) train like one
     device (every step's loss, grad norm and other metrics and the FVU per k at rtol 1e-5:

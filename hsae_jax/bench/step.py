@@ -40,6 +40,8 @@ from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 from hsae_jax.model import SAEConfig, init_arrays, sae_loss_and_grads
+from hsae_jax.parallel import MeshShape, make_layout
+from hsae_jax.parallel.state import init_state
 from hsae_jax.topk import top_k
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.step import (
@@ -75,31 +77,47 @@ class StepBenchSettings:
 
 
 class TrainerStep(NamedTuple):
-    """The trainer's step on one device, ready to time: ``run(x)`` takes one step on the
-    batch x [B, D] and returns its loss; ``step`` is the jitted step and ``state`` the
-    current [params, stats, opt_state] it takes (for lowering); ``tc`` its settings."""
+    """The trainer's step, ready to time: ``run(x)`` takes one step on the batch x [B, D]
+    (placed by ``put(x)`` on the step's mesh first) and returns its loss; ``step`` is the
+    jitted step and ``state`` the current [params, stats, opt_state] it takes (for
+    lowering); ``tc`` its settings."""
 
     run: Callable
     step: Callable
     state: list
     tc: TrainConfig
+    put: Callable = lambda x: x
 
 
 def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
-                 backend: str = "auto") -> TrainerStep:
+                 backend: str = "auto", mesh: str | None = None) -> TrainerStep:
     """hsae-jax's trainer step (``make_train_step``, as ``hsae train`` builds it) at
     B, F, D, K; with ``dead_fraction`` that share of the latents is dead (AuxK runs) in
-    every call: the dead-latent counters are not carried between calls."""
+    every call: the dead-latent counters are not carried between calls. ``mesh`` (e.g.
+    ``"data=2,model=1"``, of this process's first devices): the step on that mesh, B rows
+    in all (default: one device)."""
     tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
-                               steps=10_000, backend=backend)
+                               steps=10_000, backend=backend, mesh=mesh)
     cfg = tc.sae
-    tx = make_optimizer(tc)
-    mesh = make_mesh(1)  # the step the trainer takes for these settings on one device
-    step = make_train_step(cfg, tx, mesh, tc.kernels())
-    params, stats = init_arrays(cfg, jax.random.key(0))
+    put = lambda x: x  # noqa: E731
+    if mesh is None:  # the step the trainer takes for these settings on one device
+        tx = make_optimizer(tc)
+        step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
+        params, stats = init_arrays(cfg, jax.random.key(0))
+        opt_state = tx.init(params)
+    else:
+        shape = MeshShape.parse(mesh)
+        layout = make_layout(shape, int(np.prod(shape.resolve(jax.device_count()))))
+        layout.check(cfg, b)
+        tx = make_optimizer(tc, layout)
+        step = make_train_step(cfg, tx, layout, tc.kernels())
+        sample = np.asarray(jax.random.normal(jax.random.key(3), (min(b, 256), d)))
+        state = init_state(layout, cfg, tx, 0, sample)
+        params, stats, opt_state = state["params"], state["stats"], state["opt_state"]
+        put = functools.partial(layout.put_batch, batch_size=b)
     dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
     stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)
-    state = [params, stats, tx.init(params)]
+    state = [params, stats, opt_state]
 
     def run(x):
         fixed = jax.tree.map(jnp.copy, stats) if dead_fraction else state[1]
@@ -108,12 +126,12 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
             state[1] = carried
         return metrics["loss"]
 
-    return TrainerStep(run, step, state, tc)
+    return TrainerStep(run, step, state, tc, put)
 
 
 def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
     """(run, memory) of :func:`trainer_step`; ``memory(x)``: :func:`common.step_memory`."""
-    run, step, state, _ = trainer_step(b, f, d, k, dtype, dead_fraction)
+    run, step, state, *_ = trainer_step(b, f, d, k, dtype, dead_fraction)
     return run, functools.partial(common.step_memory, step, state)
 
 

@@ -40,8 +40,9 @@ def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: 
 
     def local_step(params, stats, opt_state, x):
         (loss, aux), grads = sharded_sae_loss_and_grads(cfg, axes, params, stats, x, kernels)
-        grads = axes.pmean_data(grads)
-        loss = axes.pmean_data(loss)
+        with jax.named_scope("data_mean"):  # the gradient all-reduce over data
+            grads = axes.pmean_data(grads)
+            loss = axes.pmean_data(loss)
         with jax.named_scope("optimizer"):  # the scopes name the step's pieces in profiles
             params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads,
                                                            loss)
