@@ -161,3 +161,17 @@ def test_fuzz_numeric_flags(case, capsys, tmp_path_factory):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0], (name, value, err)
         assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("value", ["0", "3", "-2", "x"])
+def test_update_blocks_that_do_not_divide_the_latents_are_named(value, capsys, tmp_path):
+    """--update-blocks must be an int >= 1 dividing F/m (F = 16 here): exit 2, one line
+    naming the flag, nothing left behind; 4 trains."""
+    out = tmp_path / "run"
+    status, _, err = run_cli(argv(out, update_blocks=value), capsys)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--update-blocks" in lines[0], err
+    assert not out.exists()
+    status, stdout, err = run_cli(argv(tmp_path / "ok", update_blocks=4), capsys)
+    assert status == 0 and "done:" in stdout, err

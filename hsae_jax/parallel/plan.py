@@ -18,7 +18,9 @@ holds (:mod:`hsae_jax.parallel.mesh`; F_l = F/m latents, D_l = D/m, B_l = B/d ro
   (4·n·D) when n < F_l, else dense [F_l, D] float32 gradients of both (x2), and on m > 1
   the all-to-all copy of W_dec's rows and its gradient;
 - the optimizer's temporaries: one float32 [F_l, D] per matrix (2·F_l·D; what XLA's CPU
-  buffer assignment shows, an upper bound where the update fuses).
+  buffer assignment shows, an upper bound where the update fuses, and what the H200 showed
+  at F = 2^22 on two GPUs), divided by ``update_blocks`` when the update runs a block of
+  latents at a time (:mod:`hsae_jax.parallel.row_blocks`).
 
 Peak = state + gradients + copies + max(activations + AuxK, optimizer). XLA decides the
 real buffers: ``hsae plan --compile`` compiles the step (without running it) on this
@@ -51,6 +53,7 @@ class PlanSettings:
     auxk: bool = True
     auxk_max_fraction: float = 1.0
     encoder_rows: int | None = None
+    update_blocks: int | None = None
 
     @classmethod
     def from_train_config(cls, tc, devices: int) -> PlanSettings:
@@ -60,7 +63,8 @@ class PlanSettings:
                    batch_size=tc.batch_size, data=data, model=model,
                    param_dtype=tc.param_dtype, adam_dtype=tc.adam_dtype,
                    compute_dtype=sae.compute_dtype, auxk=sae.auxk_coef > 0,
-                   auxk_max_fraction=sae.auxk_max_fraction, encoder_rows=tc.encoder_rows)
+                   auxk_max_fraction=sae.auxk_max_fraction, encoder_rows=tc.encoder_rows,
+                   update_blocks=tc.update_blocks)
 
 
 def memory_plan(s: PlanSettings) -> dict:
@@ -88,7 +92,7 @@ def memory_plan(s: PlanSettings) -> dict:
             auxk += 2 * mat * 4 + (2 * mat * 4 if s.model > 1 else 0)
     parts["activations"] = activations
     parts["auxk"] = auxk
-    optimizer = 2 * mat * 4
+    optimizer = 2 * mat * 4 // (s.update_blocks or 1)
     parts["optimizer"] = optimizer
     steady = sum(parts[k] for k in ("parameters", "adam_moments", "counters", "gradients",
                                     "bf16_copies"))
@@ -124,7 +128,7 @@ def compiled_memory(tc, devices: int | None = None) -> dict:
     state = abstract_state(layout, tc.sae, tx, tc.param_dtype)
     x = jax.ShapeDtypeStruct((tc.batch_size, tc.sae.d_model), jnp.float32,
                              sharding=layout.batch_sharding)
-    step = make_train_step(tc.sae, tx, layout, tc.kernels())
+    step = make_train_step(tc.sae, tx, layout, tc.kernels(), update=tc.row_blocks())
     memory = step.lower(state["params"], state["stats"], state["opt_state"], x).compile(
     ).memory_analysis()
     argument, temp = memory.argument_size_in_bytes, memory.temp_size_in_bytes
@@ -134,7 +138,7 @@ def compiled_memory(tc, devices: int | None = None) -> dict:
 
 
 LOW_MEMORY = dict(param_dtype="bfloat16", adam_dtype="bfloat16", compute_dtype="bfloat16",
-                  auxk_max_fraction=0.015625, encoder_rows=1024)
+                  auxk_max_fraction=0.015625, encoder_rows=1024, update_blocks=64)
 
 
 def plan_table(latents=(2**20, 2**22, 2**24), d_models=(2304, 4096), gpus=(1, 2, 4, 8),

@@ -22,21 +22,25 @@ from hsae_jax.model import MAX_DEAD_TOKENS, SAEConfig
 from hsae_jax.parallel.loss import sharded_sae_loss_and_grads
 from hsae_jax.parallel.mesh import DATA, Layout, tree_specs
 from hsae_jax.parallel.optim import apply_gradients
+from hsae_jax.parallel.row_blocks import RowBlocks, apply_gradients_in_row_blocks, check_blocks
 
 MAX_TOKENS_SINCE_FIRED = MAX_DEAD_TOKENS  # the counters saturate (no int32 overflow) there
 
 
 def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: Layout,
-                      kernels: KernelSettings = DEFAULT_KERNELS):
+                      kernels: KernelSettings = DEFAULT_KERNELS, update: RowBlocks | None = None):
     """``step(params, stats, opt_state, x) -> (params, stats, opt_state, metrics)``.
 
     ``tx`` clips with the norm over the mesh (``make_optimizer(tc, layout)``). A step whose
     loss or gradient is not finite changes nothing but the skip counter. metrics: loss,
     recon_loss, auxk_loss, l0 (means over the global batch), dead_fraction, grad_norm,
-    skipped_steps.
+    skipped_steps. ``update``: the update in blocks of latents
+    (:mod:`hsae_jax.parallel.row_blocks`; ``tx`` then without its clip).
     """
     layout.check(cfg)
     axes = layout.axes
+    if update is not None:
+        check_blocks(update.blocks, cfg.n_latents // axes.model, cfg.n_latents)
 
     def local_step(params, stats, opt_state, x):
         (loss, aux), grads = sharded_sae_loss_and_grads(cfg, axes, params, stats, x, kernels)
@@ -44,8 +48,12 @@ def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: 
             grads = axes.pmean_data(grads)
             loss = axes.pmean_data(loss)
         with jax.named_scope("optimizer"):  # the scopes name the step's pieces in profiles
-            params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state, grads,
-                                                           loss)
+            if update is None:
+                params, opt_state, grad_norm = apply_gradients(tx, axes, params, opt_state,
+                                                               grads, loss)
+            else:
+                params, opt_state, grad_norm = apply_gradients_in_row_blocks(
+                    tx, update, axes, params, opt_state, grads, loss)
         finite = opt_state.last_finite
 
         with jax.named_scope("counters"):

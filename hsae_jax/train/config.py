@@ -72,6 +72,10 @@ class TrainConfig:
     encoder_rows: int | None = setting(
         None, "rows of the batch the encoder scores at once (default: all); fewer keep the "
         "[rows, F/m] pre-activations small, with the same result")
+    update_blocks: int | None = setting(
+        None, "update the parameters in this many blocks of latents, one after the other "
+        "(default: all at once); the same result, the optimizer's float32 intermediates one "
+        "block's (must divide F/m)")
     coordinator: str | None = setting(
         None, "several processes: HOST:PORT of process 0, or auto (SLURM, Open MPI); default "
         "$JAX_COORDINATOR_ADDRESS, else one process")
@@ -105,8 +109,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.param_dtype='bfloat16' needs "
                              "SAEConfig.compute_dtype='bfloat16' (the matmuls read the stored "
                              "weights)")
-        if self.encoder_rows is not None:
-            _check_int("encoder_rows", self.encoder_rows, 1, INT32_MAX)
+        for name in ("encoder_rows", "update_blocks"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, INT32_MAX)
         for name in ("num_processes", "process_id"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1 if name == "num_processes" else 0)
@@ -182,6 +187,14 @@ class TrainConfig:
                            synthetic=synthetic, eval_fraction=self.eval_fraction,
                            eval_batches=self.eval_batches, eval_data=self.eval_data,
                            block_rows=self.block_rows)
+
+    def row_blocks(self):
+        """The update's blocks of latents (``RowBlocks``), or None for the whole update."""
+        from hsae_jax.parallel.row_blocks import RowBlocks
+
+        if self.update_blocks is None:
+            return None
+        return RowBlocks(self.update_blocks, self.clip_norm)
 
     def kernels(self) -> KernelSettings:
         """The runtime settings of the ops: ``backend``, ``deterministic``, ``encoder_rows``."""

@@ -31,7 +31,7 @@ CHECKPOINTS = "checkpoints"
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "eval_batches", "save_every",
                                "devices", "backend", "deterministic", "max_skipped_fraction",
                                "prefetch", "mesh", "coordinator", "num_processes",
-                               "process_id", "encoder_rows"})
+                               "process_id", "encoder_rows", "update_blocks"})
 
 
 class RunError(RuntimeError):

@@ -31,6 +31,7 @@ from hsae_jax.model import (
 )
 from hsae_jax.parallel import Layout, make_sharded_step
 from hsae_jax.parallel import optim as sharded_optim
+from hsae_jax.parallel.row_blocks import RowBlocks
 from hsae_jax.parallel.step import MAX_TOKENS_SINCE_FIRED
 from hsae_jax.train.config import TrainConfig
 
@@ -61,11 +62,14 @@ def make_optimizer(tc: TrainConfig, layout: Layout | Mesh | None = None
 
     ``layout``: the mesh the step runs on; with the dictionary split over ``model`` the
     clip takes the norm over the whole mesh (a step on such a mesh needs this). Adam's
-    moments are ``tc.adam_dtype``.
+    moments are ``tc.adam_dtype``. With ``tc.update_blocks`` the step clips
+    (:mod:`hsae_jax.parallel.row_blocks`) and this has ``optax.identity`` in its place.
     """
     axes = _layout(layout).axes if layout is not None else None
     parts = []
-    if tc.clip_norm > 0:
+    if tc.clip_norm > 0 and tc.update_blocks is not None:
+        parts.append(optax.identity())  # the blocked update clips (same state structure)
+    elif tc.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(tc.clip_norm) if axes is None else
                      sharded_optim.clip_by_global_norm(tc.clip_norm, axes))
     parts.append(sharded_optim.adam(learning_rate_schedule(tc), tc.adam_dtype,
@@ -78,18 +82,20 @@ def _layout(mesh_or_layout) -> Layout:
 
 
 def make_train_step(cfg: SAEConfig, tx: optax.GradientTransformation, mesh: Layout | Mesh,
-                    kernels: KernelSettings = DEFAULT_KERNELS, *, replicated: bool = False):
+                    kernels: KernelSettings = DEFAULT_KERNELS, *, replicated: bool = False,
+                    update: RowBlocks | None = None):
     """``jit(shard_map(step))`` on ``mesh`` (a :class:`Layout`, a ("data", "model") mesh or
     a 1-D "data" mesh): :func:`hsae_jax.parallel.make_sharded_step`, the trainer's step on
     every mesh (on one H200 within 1% of the replicated one); ``replicated``:
-    :func:`make_replicated_step`, the reference the tests compare it with (model=1 only)."""
+    :func:`make_replicated_step`, the reference the tests compare it with (model=1 only).
+    ``update``: ``TrainConfig.row_blocks()`` (the update in blocks of latents)."""
     layout = _layout(mesh)
     if replicated:
         if layout.axes.model != 1:
             raise ValueError("the replicated step needs a mesh with model=1, got "
                              f"{layout.describe()}")
         return make_replicated_step(cfg, tx, layout.mesh, kernels)
-    return make_sharded_step(cfg, tx, layout, kernels)
+    return make_sharded_step(cfg, tx, layout, kernels, update)
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
