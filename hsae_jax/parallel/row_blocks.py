@@ -5,8 +5,9 @@ float32 intermediates of whole [F/m, D] matrices while it does (on two H200s at 
 the low-memory options: 39 GB per device beside the 39 GB of gradients). Everything after
 the global gradient norm is row-local: the W_dec gradient's projection, the clip's scaling,
 Adam, the stochastically rounded bfloat16 store and the decoder rows' renormalisation. So
-:func:`apply_gradients_in_row_blocks` computes the norm (and the finite check) first, then
-runs the optimizer ``tx`` in a ``fori_loop`` over N blocks of latents, reading and writing
+:func:`apply_gradients_in_row_blocks` checks every gradient for NaN / inf and sums their
+squares for the norm first (a block at a time too), then runs the optimizer ``tx`` in a
+``fori_loop`` over N blocks of latents, reading and writing
 each block of W_enc, b_enc, W_dec and their Adam moments in place: the intermediates are
 one block's. Every step and every metric is the whole update's to float32 rounding: the
 arithmetic is the same row by row, but XLA may fuse it otherwise (last-bit differences,
@@ -29,9 +30,7 @@ import optax
 
 from hsae_jax.parallel.mesh import Axes
 from hsae_jax.parallel.optim import (
-    _all_finite,
     apply_updates,
-    global_norm,
     normalize_decoder_sharded,
     project_decoder_grad_sharded,
 )
@@ -66,15 +65,36 @@ def apply_gradients_in_row_blocks(tx: optax.GradientTransformation, update: RowB
     latents: (params, opt_state, grad_norm). ``tx``: Adam without the clip (see the
     module)."""
     blocks, clip_norm = update.blocks, update.clip_norm
-    finite = _all_finite(axes, loss, grads)
+    latents = {params["W_enc"].shape[0], params["W_dec"].shape[0]}  # F/m and F
+
+    def rows(leaf, i):
+        """Block i of an array whose first axis is the latents."""
+        if leaf.ndim < 1 or leaf.shape[0] not in latents:
+            raise ValueError(f"an array of shape {leaf.shape} under a latent-indexed name: "
+                             f"its first axis is not the latents ({sorted(latents)})")
+        n = leaf.shape[0] // blocks
+        return jax.lax.dynamic_slice_in_dim(leaf, i * n, n)
+
+    # every gradient is checked here (the per-block optimizer sees one block at a time)
+    local = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss) & (axes.psum_model(1 - local.astype(jnp.int32)) == 0)
     f32 = lambda g: jnp.where(finite, g.astype(jnp.float32), jnp.nan)  # noqa: E731
 
     def projected(g, w_dec):  # the W_dec gradient without its components along the rows
         return project_decoder_grad_sharded(axes, w_dec, f32(g))
 
-    # the norm over every gradient (XLA fuses the projection into the reduction)
-    norm = global_norm(axes, {**{k: f32(v) for k, v in grads.items()},
-                              "W_dec": projected(grads["W_dec"], params["W_dec"])})
+    def squares(i, sums):  # the gradients' squares, a block at a time (no whole copy)
+        split, whole = sums
+        g = {k: rows(grads[k], i) for k in LATENT_ROWS}
+        block_sum = (jnp.sum(jnp.square(f32(g["W_enc"]))) + jnp.sum(jnp.square(f32(g["b_enc"])))
+                     + jnp.sum(jnp.square(projected(g["W_dec"], rows(params["W_dec"], i)))))
+        if axes.model == 1:
+            return split, whole + block_sum
+        return split + block_sum, whole  # blocks of arrays split over model: summed there
+
+    split, whole = jax.lax.fori_loop(0, blocks, squares, (jnp.float32(0), jnp.float32(0)))
+    rest = sum(jnp.sum(jnp.square(f32(v))) for k, v in grads.items() if k not in LATENT_ROWS)
+    norm = jnp.sqrt(axes.psum_model(split) + whole + rest)
     trigger = jnp.squeeze(norm < clip_norm) if clip_norm > 0 else jnp.bool_(True)
 
     def clip(t):  # optax.clip_by_global_norm's scaling, with the norm of all the gradients
@@ -82,20 +102,22 @@ def apply_gradients_in_row_blocks(tx: optax.GradientTransformation, update: RowB
 
     def block(tree, i):
         """The latent arrays' rows of block i (other arrays whole)."""
-        def take(path, leaf):
-            if not _latent(path):
-                return leaf
-            rows = leaf.shape[0] // blocks
-            return jax.lax.dynamic_slice_in_dim(leaf, i * rows, rows)
-        return jax.tree_util.tree_map_with_path(take, tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: rows(leaf, i) if _latent(path) else leaf, tree)
 
     def put(tree, new, i):
         """``tree`` with block i of its latent arrays from ``new``; other arrays ``new``'s."""
         def place(path, leaf, value):
             if not _latent(path):
                 return value
-            rows = leaf.shape[0] // blocks
-            return jax.lax.dynamic_update_slice_in_dim(leaf, value, i * rows, 0)
+            start = i * (leaf.shape[0] // blocks)
+            if leaf.dtype == jnp.bfloat16:  # stored as bits: XLA updates them in place
+                bits = jax.lax.dynamic_update_slice_in_dim(
+                    jax.lax.bitcast_convert_type(leaf, jnp.uint16),
+                    jax.lax.bitcast_convert_type(value.astype(leaf.dtype), jnp.uint16),
+                    start, 0)
+                return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+            return jax.lax.dynamic_update_slice_in_dim(leaf, value.astype(leaf.dtype), start, 0)
         return jax.tree_util.tree_map_with_path(place, tree, new)
 
     def whole_from(carried, original):
