@@ -31,6 +31,8 @@
 #   profile      benchmarks/profile_step.py: the trainer's step traced (jax.profiler) and its
 #                device time per piece: K=128 fp32 and bf16, K=64 with 10% of the latents dead
 #   profile-mesh the same on 2 GPUs, K=64: mesh data=2 (4096 rows each) and model=2
+#   profile-blocks the step with the low-memory options at F = 2^19, K = 64: the update
+#                whole (--update-blocks 0) and in 64 blocks
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
@@ -110,6 +112,10 @@ for step in "$@"; do
     profile-mesh) for mesh in "data=2,model=1" "data=1,model=2"; do  # 2 GPUs or more
         python3 benchmarks/profile_step.py --k 64 --mesh "$mesh" \
           --out "$OUT/profile_k64_${mesh//[=,]/_}.json"; done 2>&1 | tee "$OUT/profile_mesh.log" ;;
+    profile-blocks) for blocks in 0 64; do  # the update whole and in 64 blocks, F = 2^19
+        python3 benchmarks/profile_step.py --k 64 --n-latents 524288 --low-memory \
+          --update-blocks $blocks --out "$OUT/profile_low_blocks${blocks}.json"; done 2>&1 \
+        | tee "$OUT/profile_blocks.log" ;;
     plan) for f in 262144 524288 1048576; do python3 -m hsae_jax.cli plan --compile \
         --backend triton --n-latents $f --d-model 2304 --k 64 --batch-size 4096 --mesh data=1,model=1; \
         done 2>&1 | tee "$OUT/plan.log" ;;

@@ -39,6 +39,7 @@ from hsae_jax.bench import common  # noqa: E402
 from hsae_jax.bench.step import trainer_step  # noqa: E402
 from hsae_jax.io_utils import atomic_write_json  # noqa: E402
 from hsae_jax.parallel import MeshShape  # noqa: E402
+from hsae_jax.parallel.plan import LOW_MEMORY  # noqa: E402
 
 # (piece, pattern on the op's op_name), first match wins
 PIECES = (
@@ -68,6 +69,12 @@ def parse_args(argv=None):
                    help="e.g. data=2,model=1: the step on this mesh (this process's first "
                    "devices), --batch rows per data shard; device times are per device (the "
                    "mean over the mesh); default one device")
+    p.add_argument("--update-blocks", type=int, default=None,
+                   help="the update in this many blocks of latents (hsae train's flag; 0: "
+                   "the whole update, also with --low-memory)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="hsae plan's low-memory options (bfloat16 parameters and moments, "
+                   "...), --update-blocks among them unless given")
     p.add_argument("--steps", type=int, default=10, help="steps traced")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="longest ops listed")
@@ -149,8 +156,14 @@ def main(argv=None) -> int:
                      else (1, 1))
     devices = shards * model
     batch = args.batch * shards  # rows in all
+    settings = dict(LOW_MEMORY) if args.low_memory else {}
+    if args.low_memory:
+        settings.pop("compute_dtype")
+        args.compute_dtype = "bfloat16"
+    if args.update_blocks is not None:
+        settings["update_blocks"] = args.update_blocks or None
     trainer = trainer_step(batch, args.n_latents, args.d_model, args.k,
-                           args.compute_dtype, args.dead, args.backend, args.mesh)
+                           args.compute_dtype, args.dead, args.backend, args.mesh, **settings)
     x = trainer.put(jax.random.normal(jax.random.key(2), (batch, args.d_model), jnp.float32))
     hlo = trainer.step.lower(*trainer.state, x).compile().as_text()
     module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
@@ -200,7 +213,8 @@ def main(argv=None) -> int:
         "benchmark": "profile_step", "device": common.device_info(),
         "workload": dict(batch=args.batch, n_latents=args.n_latents, d_model=args.d_model,
                          k=args.k, compute_dtype=args.compute_dtype, dead=args.dead,
-                         mesh=args.mesh, devices=devices, rows_per_step=batch),
+                         mesh=args.mesh, devices=devices, rows_per_step=batch,
+                         settings=settings),
         "step_ms": timing["median_ms"], "traced_ms": traced_ms, "device_ms": device_ms,
         "pieces": rows, "ops": ops})
     print(f"\nwrote {args.out}")

@@ -253,3 +253,19 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
         assert len(row["fvu_per_k"]) == 8 and all(0 < v < 10 for v in row["fvu_per_k"])
         assert row["plan_gb"] > 0 and os.path.exists(row["fvu_png"])
     assert "latent-sharded runs" in proc.stdout
+
+
+def test_step_profile_of_the_update_in_blocks(tmp_path):
+    """profile_step.py --low-memory --update-blocks N: the step the trainer takes with those
+    settings (its optimizer tail in blocks), and 0 for the whole update."""
+    profile = _load_benchmark("profile_step")
+    for blocks in ("4", "0"):
+        out = tmp_path / f"profile{blocks}.json"
+        assert profile.main(["--tiny", "--backend", "xla", "--steps", "2", "--warmup", "1",
+                             "--low-memory", "--update-blocks", blocks, "--out", str(out)]) == 0
+        payload = json.loads(out.read_text())
+        settings = payload["workload"]["settings"]
+        assert settings["param_dtype"] == "bfloat16"
+        assert settings["update_blocks"] == (int(blocks) or None)
+        pieces = {r["piece"]: r["ms_per_step"] for r in payload["pieces"]}
+        assert pieces.get("optimizer tail", 0) > 0, pieces

@@ -90,14 +90,17 @@ class TrainerStep(NamedTuple):
 
 
 def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
-                 backend: str = "auto", mesh: str | None = None) -> TrainerStep:
+                 backend: str = "auto", mesh: str | None = None, **settings) -> TrainerStep:
     """hsae-jax's trainer step (``make_train_step``, as ``hsae train`` builds it) at
     B, F, D, K; with ``dead_fraction`` that share of the latents is dead (AuxK runs) in
     every call: the dead-latent counters are not carried between calls. ``mesh`` (e.g.
     ``"data=2,model=1"``, of this process's first devices): the step on that mesh, B rows
-    in all (default: one device)."""
+    in all (default: one device). ``settings``: more ``hsae train`` settings (e.g.
+    ``param_dtype``, ``update_blocks``), made as the trainer makes them."""
+    if settings and mesh is None:
+        mesh = "data=1,model=1"
     tc = TrainConfig.from_flat(d_model=d, n_latents=f, k=k, compute_dtype=dtype, batch_size=b,
-                               steps=10_000, backend=backend, mesh=mesh)
+                               steps=10_000, backend=backend, mesh=mesh, **settings)
     cfg = tc.sae
     put = lambda x: x  # noqa: E731
     if mesh is None:  # the step the trainer takes for these settings on one device
@@ -110,9 +113,9 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
         layout = make_layout(shape, int(np.prod(shape.resolve(jax.device_count()))))
         layout.check(cfg, b)
         tx = make_optimizer(tc, layout)
-        step = make_train_step(cfg, tx, layout, tc.kernels())
+        step = make_train_step(cfg, tx, layout, tc.kernels(), update=tc.row_blocks())
         sample = np.asarray(jax.random.normal(jax.random.key(3), (min(b, 256), d)))
-        state = init_state(layout, cfg, tx, 0, sample)
+        state = init_state(layout, cfg, tx, 0, sample, tc.param_dtype)
         params, stats, opt_state = state["params"], state["stats"], state["opt_state"]
         put = functools.partial(layout.put_batch, batch_size=b)
     dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
