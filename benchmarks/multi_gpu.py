@@ -255,12 +255,6 @@ def _sharded_run(entry: str, args) -> dict:
     return row
 
 
-def _table(rows, columns) -> str:
-    from hsae_jax.bench import common
-
-    return common.markdown_table(rows, columns)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -317,13 +311,14 @@ def main(argv=None) -> dict:
     if "correctness" in payload:
         c = payload["correctness"]
         print(f"\ncorrectness ({c.get('steps')} steps, TF32 off; relative to 1 GPU):")
-        print(_table(c["rows"], [("mesh", "run", "s"), ("worst_metric_rel", "metrics", ".1e"),
-                                 ("fvu_per_k_rel_diff", "FVU per k", ".1e"),
-                                 ("worst_param_abs", "parameters (abs)", ".1e"),
-                                 ("same", "same", "s"), ("error", "error", "s")]))
+        print(common.markdown_table(c["rows"], [
+            ("mesh", "run", "s"), ("worst_metric_rel", "metrics", ".1e"),
+            ("fvu_per_k_rel_diff", "FVU per k", ".1e"),
+            ("worst_param_abs", "parameters (abs)", ".1e"),
+            ("same", "same", "s"), ("error", "error", "s")]))
     if "scaling" in payload:
         print(f"\nscaling (B={args.batch} rows per GPU, F={args.n_latents}):")
-        print(_table(payload["scaling"]["rows"], [
+        print(common.markdown_table(payload["scaling"]["rows"], [
             ("data", "data", "s"), ("mesh", "mesh", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
             ("speedup", "vs 1 GPU", ".2f"), ("error", "error", "s")]))
     if "sharded" in payload:
@@ -334,7 +329,7 @@ def main(argv=None) -> dict:
                 ks = sorted({k for k in (1, 8, 16, 32, len(fk)) if k <= len(fk)})
                 r["fvu_k"] = " / ".join(f"{fk[k - 1]:.3f}" for k in ks)
         print(f"\nlatent-sharded runs (model={args.gpus}, {args.sharded_steps} steps):")
-        print(_table(rows, [
+        print(common.markdown_table(rows, [
             ("n_latents", "F", "d"), ("options", "options", "s"),
             ("tokens_per_s", "tokens/s", ",.0f"), ("max_peak_gb", "peak GB/device", ".1f"),
             ("plan_gb", "plan GB", ".1f"), ("fvu_k", "FVU k=1/8/16/32/K", "s"),

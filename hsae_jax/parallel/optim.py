@@ -129,9 +129,12 @@ def apply_updates(params, updates):
                         if p.dtype == jnp.bfloat16 else (p + u).astype(p.dtype), params, updates)
 
 
-def _all_finite(axes: Axes, loss, grads):
+def all_finite(axes: Axes, loss, grads, *, gradients: bool | None = None):
+    """Whether ``loss`` and, on every device of ``model``, every gradient are finite.
+    ``gradients``: check the gradients (default: with the dictionary split over ``model``;
+    on one block optax.apply_if_finite checks the whole gradients itself)."""
     finite = jnp.isfinite(loss)
-    if axes.model == 1:  # optax.apply_if_finite checks the (whole) gradients itself
+    if not (axes.model > 1 if gradients is None else gradients):
         return finite
     local = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     return finite & (axes.psum_model(1 - local.astype(jnp.int32)) == 0)
@@ -164,7 +167,7 @@ def apply_gradients(tx: optax.GradientTransformation, axes: Axes, params, opt_st
     are renormalised; a skipped update leaves ``params`` unchanged. ``tx`` must clip with
     the norm over the mesh (:func:`hsae_jax.train.step.make_optimizer` given the layout).
     """
-    finite = _all_finite(axes, loss, grads)
+    finite = all_finite(axes, loss, grads)
     # gradients of bfloat16 parameters: the update is computed in float32
     grads = jax.tree.map(lambda g: jnp.where(finite, g.astype(jnp.float32), jnp.nan), grads)
     grads["W_dec"] = project_decoder_grad_sharded(axes, params["W_dec"], grads["W_dec"])

@@ -30,6 +30,7 @@ import optax
 
 from hsae_jax.parallel.mesh import Axes
 from hsae_jax.parallel.optim import (
+    all_finite,
     apply_updates,
     normalize_decoder_sharded,
     project_decoder_grad_sharded,
@@ -76,8 +77,7 @@ def apply_gradients_in_row_blocks(tx: optax.GradientTransformation, update: RowB
         return jax.lax.dynamic_slice_in_dim(leaf, i * n, n)
 
     # every gradient is checked here (the per-block optimizer sees one block at a time)
-    local = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    finite = jnp.isfinite(loss) & (axes.psum_model(1 - local.astype(jnp.int32)) == 0)
+    finite = all_finite(axes, loss, grads, gradients=True)
     f32 = lambda g: jnp.where(finite, g.astype(jnp.float32), jnp.nan)  # noqa: E731
 
     def projected(g, w_dec):  # the W_dec gradient without its components along the rows

@@ -33,7 +33,6 @@ from hsae_jax.io_utils import atomic_write, atomic_write_json
 from hsae_jax.model import finite_rows, save_model_files
 from hsae_jax.parallel import MeshShape, distributed, make_layout
 from hsae_jax.parallel.evaluate import evaluate_sharded
-from hsae_jax.parallel.row_blocks import check_blocks
 from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
 from hsae_jax.train.checkpoint import Checkpointer
@@ -225,11 +224,11 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     kernels = tc.kernels()
     layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
     layout.check(cfg, tc.batch_size)
-    if tc.update_blocks is not None:
-        check_blocks(tc.update_blocks, cfg.n_latents // layout.axes.model, cfg.n_latents)
     if hasattr(source, "placed") and jax.process_count() == 1:
         source = source.placed(layout.batch_sharding)  # each device makes its own rows
     tx = make_optimizer(tc, layout)
+    # made (not compiled) before anything is written: it checks the update's blocks too
+    step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
@@ -251,7 +250,6 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
                                 kernels=kernels)
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
-    step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
     share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
     batches = Prefetcher(source, range(start, tc.steps),
                          lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
