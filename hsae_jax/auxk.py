@@ -108,6 +108,39 @@ def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead) ->
     return jnp.where(is_dead[None, :], pre - zero, -jnp.inf)
 
 
+def given_preactivations(compute_dtype: str, scores, xs, w_enc, b_enc, b_dec,
+                         is_dead) -> jax.Array:
+    """:func:`dead_preactivations` whose values are given: ``scores`` [B, n] float32, these
+    columns of the main encoder's pre-activations (the same arithmetic, computed once),
+    differentiated as computed here: w_enc's gradient d^T @ xc, b_enc's the sum of d over
+    B, b_dec's -(that sum) @ w_enc, with xc = xs - b_dec. -inf where ``is_dead`` is False."""
+    xc = _cast(compute_dtype, xs)
+    xc = xc - jax.lax.stop_gradient(b_dec).astype(xc.dtype)
+    pre = _valued_preactivations(scores, xc, w_enc, b_enc, b_dec)
+    return jnp.where(is_dead[None, :], pre, -jnp.inf)
+
+
+@jax.custom_vjp
+def _valued_preactivations(scores, xc, w_enc, b_enc, b_dec):
+    return scores
+
+
+def _valued_fwd(scores, xc, w_enc, b_enc, b_dec):
+    return scores, (scores, xc, w_enc, b_enc, b_dec)
+
+
+def _valued_bwd(saved, d):
+    scores, xc, w_enc, b_enc, b_dec = saved
+    d_bias = jnp.sum(d, axis=0)
+    d_w_enc = jnp.dot(d.T, xc.astype(jnp.float32), preferred_element_type=jnp.float32)
+    d_b_dec = -jnp.dot(d_bias, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return (jnp.zeros_like(scores), jnp.zeros_like(xc), d_w_enc.astype(w_enc.dtype),
+            d_bias.astype(b_enc.dtype), d_b_dec.astype(b_dec.dtype))
+
+
+_valued_preactivations.defvjp(_valued_fwd, _valued_bwd)
+
+
 def _loss_on_rows(cfg, kernels: KernelSettings, rows, xs, residual, is_dead, num_dead):
     """The AuxK loss from the dead latents' rows (W_enc [n, D], b_enc [n], W_dec [n, D]) and
     b_dec; ``is_dead`` [n] marks the real ones (the rest is padding)."""

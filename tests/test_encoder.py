@@ -141,7 +141,7 @@ def test_the_reference_backends_sparse_encoder_takes_its_config():
                           for s in ((20, 8), (32, 8), (32,), (8,)))
     enc = make_encoder(4, backend="reference", config=SparseEncoderConfig(forward_rows=6))
     assert enc.backend == "xla" and enc.config.forward_rows == 6
-    vals, indices, _ = enc.forward(x, w, b_enc, b_dec)
+    vals, indices, _, _ = enc.forward(x, w, b_enc, b_dec)
     want_vals, want_indices = topk_encode(x, w, b_enc, b_dec, 4, backend="reference")
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(vals, want_vals, rtol=1e-6, atol=1e-6)

@@ -18,7 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from hsae_jax import KernelSettings
-from hsae_jax.auxk import auxk_loss
+from hsae_jax.auxk import auxk_loss, column_buckets
+from hsae_jax.encoder import SparseEncoderConfig
+from hsae_jax.encoder.api import scores
 from hsae_jax.model import (
     encode_arrays,
     init_arrays,
@@ -164,15 +166,18 @@ def test_in_place_auxk_gradients_are_those_of_the_objective(case):
 
 
 @functools.cache
-def auxk_added():
+def auxk_added(given_scores: bool):
     """On mesh (1, 1): (params, dead, xs, vals, indices, grads) -> (AuxK loss, grads with
-    AuxK's gradient added in place)."""
+    AuxK's gradient added in place); ``given_scores``: with the encoder's pre-activations
+    handed over (as the step does), else AuxK computes its columns itself."""
     cfg = config().sae
     axes = make_layout("data=1,model=1", 1).axes
 
     def added(params, dead, xs, vals, indices, grads):
+        pre = (scores(xs - params["b_dec"], params["W_enc"], params["b_enc"]) if given_scores
+               else None)
         return sharded_auxk_loss_and_add_grads(cfg, axes, params, xs, vals, indices, dead,
-                                               grads, KERNELS)
+                                               grads, KERNELS, scores=pre)
 
     params, _ = init_arrays(cfg, jax.random.key(0))
     dead = jnp.zeros((cfg.n_latents,), bool)
@@ -189,12 +194,14 @@ def auxk_reference():
                                                      KERNELS)))
 
 
+@pytest.mark.parametrize("given_scores", [True, False], ids=["given-scores", "own-columns"])
 @pytest.mark.parametrize("case", list(DEAD))
-def test_auxk_adds_to_the_dead_rows_only(case):
+def test_auxk_adds_to_the_dead_rows_only(case, given_scores):
     """:func:`sharded_auxk_loss_and_add_grads` on given gradients: the live latents' rows
     come back bit-identical, the dead ones and b_dec get ``auxk_coef`` times the gradient of
     the one-device :func:`hsae_jax.auxk.auxk_loss`; nothing at all changes without dead
-    latents."""
+    latents. The same whether AuxK reads its dead columns from the encoder's
+    pre-activations or computes them."""
     tc = config()
     cfg = tc.sae
     params, stats, (x, _) = start(tc, DEAD[case], seed=2)
@@ -204,7 +211,7 @@ def test_auxk_adds_to_the_dead_rows_only(case):
     rng = np.random.default_rng(5)
     grads = {n: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32) for n, p in params.items()}
     with jax.default_matmul_precision("highest"):
-        value, out = auxk_added()(params, dead, xs, vals, indices, grads)
+        value, out = auxk_added(given_scores)(params, dead, xs, vals, indices, grads)
         ref, ref_grads = auxk_reference()(params, xs, vals, indices, dead)
     np.testing.assert_allclose(value, ref, rtol=1e-6)
     expected = jax.tree.map(lambda g, r: g + cfg.auxk_coef * r, grads, ref_grads)
@@ -264,3 +271,23 @@ def test_auxk_adds_no_copy_of_an_f_by_d_array_to_either_step(sharded):
                     auxk_coef=coef)
         counts.append(len(big.findall(compiled(tc, sharded)[0])))
     assert counts[0] <= counts[1], counts
+
+
+def test_auxk_reads_the_dead_columns_from_the_encoder_pre_activations():
+    """The step hands the encoder's [B, F] pre-activations to AuxK, which gathers its dead
+    columns from them: each bucket's only [B, n] product is the activations' gradient.
+    With ``--encoder-rows`` (the pre-activations never whole) AuxK computes its columns, a
+    second [B, n] product per bucket."""
+    tc = config(n_latents=4096, d_model=48, batch_size=64, k=8, aux_k=None)  # D: no bucket
+    layout = make_layout("data=1,model=1", 1)
+    params, stats = init_arrays(tc.sae, jax.random.key(0))
+    x = jnp.zeros((tc.batch_size, tc.sae.d_model), jnp.float32)
+    buckets = [n for n in column_buckets(tc.sae.n_latents) if n < tc.sae.n_latents]
+    for kernels, per_bucket in ((KERNELS, 1), (KernelSettings(
+            "xla", encoder=SparseEncoderConfig(forward_rows=32)), 2)):
+        tx = make_optimizer(tc, layout)
+        step = make_train_step(tc.sae, tx, layout, kernels)
+        hlo = step.lower(params, stats, tx.init(params), x).compile().as_text()
+        products = re.findall(r"= f32\[64,(\d+)\]\{1,0\} dot\(", hlo)
+        assert [products.count(str(n)) for n in buckets] == [per_bucket] * len(buckets), (
+            kernels, products)

@@ -45,16 +45,20 @@ class Encoder:
     topk_config: TopKConfig | None  # None on the xla backend
     config: SparseEncoderConfig
 
-    def forward(self, x, w_enc, b_enc, b_dec):
+    def forward(self, x, w_enc, b_enc, b_dec, keep_scores: bool = False):
+        """(vals, indices, xc, the pre-activations [B, F] float32 if ``keep_scores`` else
+        None)."""
         xc = x - b_dec.astype(x.dtype)
 
         def select(xc_rows):
             pre = scores(xc_rows, w_enc, b_enc)
             with jax.named_scope("top_k"):
-                return top_k(pre, self.k, backend=self.backend, config=self.topk_config)
+                values, indices = top_k(pre, self.k, backend=self.backend,
+                                        config=self.topk_config)
+            return values, indices, pre if keep_scores else None
 
-        values, indices = by_rows(select, xc, self.config.forward_rows)
-        return jax.nn.relu(values), indices, xc
+        values, indices, pre = by_rows(select, xc, self.config.forward_rows)
+        return jax.nn.relu(values), indices, xc, pre
 
     def backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
         """(dx, dw_enc, db_enc, db_dec): :func:`encoder_backward`."""
@@ -87,23 +91,38 @@ def _weight_grad_xla(indices, dpre, xc, f, chunk):
     return dweight
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sparse_encode(enc, keep_scores, x, w_enc, b_enc, b_dec):
+    vals, indices, _, pre = enc.forward(x, w_enc, b_enc, b_dec, keep_scores)
+    return vals, indices, pre
+
+
 def sparse_encode(enc, x, w_enc, b_enc, b_dec):
     """(vals, indices) of ``enc.forward``, differentiated by ``enc.backward`` from the
     selected pairs only: ``enc`` is an :class:`Encoder` or another static object with
     those two methods (the latent-sharded one of :mod:`hsae_jax.parallel.encoder`)."""
-    vals, indices, _ = enc.forward(x, w_enc, b_enc, b_dec)
+    vals, indices, _ = _sparse_encode(enc, False, x, w_enc, b_enc, b_dec)
     return vals, indices
 
 
-def _encode_fwd(enc, x, w_enc, b_enc, b_dec):
-    vals, indices, xc = enc.forward(x, w_enc, b_enc, b_dec)
-    return (vals, indices), (indices, vals, xc, w_enc, b_enc, b_dec)
+def sparse_encode_with_scores(enc, x, w_enc, b_enc, b_dec):
+    """(vals, indices, pre): :func:`sparse_encode` and the pre-activations [B, F] float32
+    the selection was taken from, constant (for AuxK, which reads the dead latents'
+    columns instead of computing them again). With ``forward_rows`` set the blocks are
+    put back together into the whole [B, F]: callers that keep the scores leave it
+    unset."""
+    vals, indices, pre = _sparse_encode(enc, True, x, w_enc, b_enc, b_dec)
+    return vals, indices, jax.lax.stop_gradient(pre)
 
 
-def _encode_bwd(enc, saved, cotangents):
+def _encode_fwd(enc, keep_scores, x, w_enc, b_enc, b_dec):
+    vals, indices, xc, pre = enc.forward(x, w_enc, b_enc, b_dec, keep_scores)
+    return (vals, indices, pre), (indices, vals, xc, w_enc, b_enc, b_dec)
+
+
+def _encode_bwd(enc, keep_scores, saved, cotangents):
     indices, vals, xc, w_enc, b_enc, b_dec = saved
-    dvals, _ = cotangents
+    dvals = cotangents[0]  # the indices' and the scores' cotangents are not used
     return enc.backward(indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
 
@@ -146,7 +165,7 @@ def encoder_backward(enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
     )
 
 
-sparse_encode.defvjp(_encode_fwd, _encode_bwd)
+_sparse_encode.defvjp(_encode_fwd, _encode_bwd)
 
 
 def topk_encode(

@@ -1,21 +1,22 @@
 """AuxK (:mod:`hsae_jax.auxk`) with the latents split over ``model`` and W_dec over D.
 
 The dead latents live on different devices: device j finds its own (its block of the
-``tokens_since_fired`` counters) and computes their pre-activations with its ``W_enc``
-rows in a static column bucket n (F/m/q for the divisors q of :func:`bucket_divisors`,
-the smallest that holds the most dead latents any device has: ``lax.switch`` takes the
-same branch on every device). Each token's global top aux_k is a mask over the device's
-columns (:func:`~hsae_jax.parallel.collectives.merge_top_k_mask`: radix selects, no
-sorted top-k; on one device :func:`hsae_jax.topk.top_k_mask` as in
-:mod:`hsae_jax.auxk`), and the device keeps its winners as a dense [B, n] activation
-matrix. The largest bucket (every column) uses the blocks themselves instead of gathered
-copies of their rows. The reconstruction needs the winners' decoder rows over all of D,
-which lie across the devices (W_dec is split over D): an all-to-all brings each device
-the rows of its own dead latents ([n, D], not [F, D]), each device multiplies its [B, n]
-activations by them, and a reduce-scatter over D sums the m partial reconstructions into
-the device's D slice. The squared error is summed over the slices; the residual's
-variance and the number of dead latents are taken over the whole batch and dictionary,
-so the loss equals the one-device AuxK on the same global batch.
+``tokens_since_fired`` counters) and takes their pre-activations in a static column bucket n
+(F/m/q for the divisors q of :func:`bucket_divisors`, the smallest that holds the most dead
+latents any device has: ``lax.switch`` takes the same branch on every device): read from the
+main encoder's [B, F/m] pre-activations when the step kept them, else computed with its
+``W_enc`` rows, differentiated the same way either way. Each token's global top aux_k is a
+mask over the device's columns (:func:`~hsae_jax.parallel.collectives.merge_top_k_mask`:
+radix selects, no sorted top-k; on one device :func:`hsae_jax.topk.top_k_mask` as in
+:mod:`hsae_jax.auxk`), and the device keeps its winners as a dense [B, n] activation matrix.
+The largest bucket (every column) uses the blocks themselves instead of gathered copies of
+their rows. The reconstruction needs the winners' decoder rows over all of D, which lie
+across the devices (W_dec is split over D): an all-to-all brings each device the rows of its
+own dead latents ([n, D], not [F, D]), each device multiplies its [B, n] activations by
+them, and a reduce-scatter over D sums the m partial reconstructions into the device's D
+slice. The squared error is summed over the slices; the residual's variance and the number
+of dead latents are taken over the whole batch and dictionary, so the loss equals the
+one-device AuxK on the same global batch.
 
 Two entry points, as in :mod:`hsae_jax.auxk`:
 
@@ -43,6 +44,7 @@ from hsae_jax.auxk import (
     column_buckets,
     dead_preactivations,
     distinct_padding,
+    given_preactivations,
     loss_and_grads_in_bucket,
     main_residual,
 )
@@ -131,12 +133,17 @@ def _bucket_rows(axes: Axes, params, dead, columns: int):
     return is_dead, rows, (latents, wanted)
 
 
-def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, num_dead):
+def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, num_dead,
+                  scores=None):
     """The AuxK loss from a bucket's rows (:func:`_bucket_rows`) and b_dec [D] (this
-    device's share of its gradient); xs [B, D] this device's rows, residual [B, D/m]."""
+    device's share of its gradient); xs [B, D] this device's rows, residual [B, D/m];
+    scores: the bucket's columns [B, n] of the main encoder's pre-activations, if the
+    step kept them (else computed from the rows)."""
     aux_k, d_model = cfg.resolved_aux_k, xs.shape[1]
-    pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"], b_dec,
-                              is_dead)  # [B, n]; padding never contributes
+    preactivations = dead_preactivations if scores is None else functools.partial(
+        given_preactivations, scores=scores)
+    pre = preactivations(cfg.compute_dtype, xs=xs, w_enc=rows["W_enc"], b_enc=rows["b_enc"],
+                         b_dec=b_dec, is_dead=is_dead)  # [B, n]; padding never contributes
     winners = _winners(cfg, axes, kernels, pre)
     acts = jax.nn.relu(pre) if winners is None else jnp.where(winners, jax.nn.relu(pre), 0.0)
     w_dec = _cast(cfg.compute_dtype, _over_d(axes, rows["W_dec"])).astype(jnp.float32)
@@ -161,11 +168,13 @@ def _bucket_loss(cfg, axes, kernels, columns, params, b_dec, xs, vals, indices, 
 
 
 def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals, indices,
-                           dead, num_dead, reconstruction):
+                           dead, num_dead, reconstruction, scores):
     is_dead, rows, where = _bucket_rows(axes, params, dead, columns)
     residual = _residual(axes, params, xs, vals, indices, reconstruction)
+    if scores is not None and where is not None:  # the bucket's columns, padding -inf
+        scores = jnp.take(scores, where[0], axis=1, mode="fill", fill_value=-jnp.inf)
     loss, vjp = jax.vjp(lambda r, b_dec: _loss_on_rows(cfg, axes, kernels, r, b_dec, xs,
-                                                      residual, is_dead, num_dead),
+                                                      residual, is_dead, num_dead, scores),
                         rows, params["b_dec"])
     d, d_b_dec = vjp(jnp.float32(cfg.auxk_coef))
     grads = dict(grads)
@@ -212,7 +221,7 @@ def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
 
 
 def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, dead, grads,
-                                    kernels, reconstruction=None):
+                                    kernels, reconstruction=None, scores=None):
     """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient) inside
     ``shard_map``.
 
@@ -220,11 +229,14 @@ def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, 
     device's gradients of the rest of the objective (a dict like ``params``, before the
     mean over ``data``); ``reconstruction``: the main loss's recon_K [B/d, D/m] float32 of
     (vals, indices) on this device's D slice, if it has it (else the residual's
-    reconstruction is gathered again from W_dec). Only the dead latents' rows of the
+    reconstruction is gathered again from W_dec); ``scores``: the main encoder's
+    pre-activations [B/d, F/m] float32 of this device's block, if the step kept them (the
+    dead latents' columns are then read from them, not computed again with a
+    [B, D] x [D, n] product). Only the dead latents' rows of the
     W_enc / b_enc / W_dec blocks change, and b_dec's by the sum over ``model`` of the
     devices' shares; with no dead latent the gradients pass through untouched.
     """
     num_dead, buckets, which = _branch(cfg, axes, dead)
     return loss_and_grads_in_bucket(
         which, buckets, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels), grads,
-        params, xs, vals, indices, dead, num_dead, reconstruction)
+        params, xs, vals, indices, dead, num_dead, reconstruction, scores)

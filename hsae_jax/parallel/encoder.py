@@ -18,7 +18,14 @@ import dataclasses
 
 import jax
 
-from hsae_jax.encoder.api import Encoder, by_rows, encoder_backward, scores, sparse_encode
+from hsae_jax.encoder.api import (
+    Encoder,
+    by_rows,
+    encoder_backward,
+    scores,
+    sparse_encode,
+    sparse_encode_with_scores,
+)
 from hsae_jax.parallel.collectives import merge_top_k
 from hsae_jax.parallel.mesh import Axes
 from hsae_jax.topk import top_k
@@ -33,7 +40,9 @@ class ShardedEncoder:
         """The global index of this device's first latent."""
         return self.axes.model_index() * f_local
 
-    def forward(self, x, w_enc, b_enc, b_dec):
+    def forward(self, x, w_enc, b_enc, b_dec, keep_scores: bool = False):
+        """(vals, indices, xc, this block's pre-activations [B, F/m] float32 if
+        ``keep_scores`` else None)."""
         xc = x - b_dec.astype(x.dtype)
         candidates = min(self.enc.k, w_enc.shape[0])  # a block may hold fewer than K
 
@@ -45,10 +54,10 @@ class ShardedEncoder:
                 if self.axes.model > 1:
                     values, indices = merge_top_k(
                         values, indices + self.offset(w_enc.shape[0]), self.enc.k)
-            return values, indices
+            return values, indices, pre if keep_scores else None
 
-        values, indices = by_rows(select, xc, self.enc.config.forward_rows)
-        return jax.nn.relu(values), indices, xc
+        values, indices, pre = by_rows(select, xc, self.enc.config.forward_rows)
+        return jax.nn.relu(values), indices, xc, pre
 
     def backward(self, indices, vals, dvals, xc, w_enc, b_enc, b_dec):
         """The one-device backward on this block's pairs (other blocks' latents fall out
@@ -58,9 +67,13 @@ class ShardedEncoder:
         return encoder_backward(self.enc, indices, vals, dvals, xc, w_enc, b_enc, b_dec)
 
 
-def sharded_topk_encode(enc: Encoder, axes: Axes, x, w_enc, b_enc, b_dec):
+def sharded_topk_encode(enc: Encoder, axes: Axes, x, w_enc, b_enc, b_dec,
+                        with_scores: bool = False):
     """(vals [B, K] float32 >= 0 sorted descending, indices [B, K] int32 global), inside
     ``shard_map``. x [B, D] and b_dec [D] whole on every device; w_enc [F/m, D] and
     b_enc [F/m] this device's block. Differentiable in w_enc, b_enc, b_dec (this device's
-    share of db_dec) and x."""
+    share of db_dec) and x. ``with_scores``: also this block's pre-activations [B, F/m]
+    float32, constant (:func:`hsae_jax.encoder.api.sparse_encode_with_scores`)."""
+    if with_scores:
+        return sparse_encode_with_scores(ShardedEncoder(enc, axes), x, w_enc, b_enc, b_dec)
     return sparse_encode(ShardedEncoder(enc, axes), x, w_enc, b_enc, b_dec)

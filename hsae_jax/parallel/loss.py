@@ -40,14 +40,24 @@ def _cast(cfg: SAEConfig, x):
 
 
 def encode_local(cfg: SAEConfig, axes: Axes, params, stats, x, kernels: KernelSettings,
-                 k: int | None = None, b_dec=None):
+                 k: int | None = None, b_dec=None, with_scores: bool = False):
     """(vals, indices) [B, k] of raw activations x [B, D]: the global top k, merged over
-    ``model`` (``b_dec``: the one to differentiate, default ``params["b_dec"]``)."""
+    ``model`` (``b_dec``: the one to differentiate, default ``params["b_dec"]``);
+    ``with_scores``: and this device's pre-activations [B, F/m] float32, constant."""
     xs = scale_inputs(stats, x)
     enc = make_encoder(cfg.k if k is None else k, backend=kernels.backend,
                        topk_config=kernels.topk, config=kernels.encoder)
     return sharded_topk_encode(enc, axes, _cast(cfg, xs), _cast(cfg, params["W_enc"]),
-                               params["b_enc"], params["b_dec"] if b_dec is None else b_dec)
+                               params["b_enc"], params["b_dec"] if b_dec is None else b_dec,
+                               with_scores=with_scores)
+
+
+def keeps_scores(cfg: SAEConfig, kernels: KernelSettings) -> bool:
+    """Whether the step keeps the encoder's pre-activations for AuxK to read its dead
+    columns from: with AuxK on, unless ``--encoder-rows`` scores the batch a block of rows
+    at a time (to keep the [B, F/m] matrix from existing at once)."""
+    return cfg.auxk_coef > 0 and (kernels.encoder is None
+                                  or kernels.encoder.forward_rows is None)
 
 
 def d_slice(axes: Axes, x, axis: int = -1):
@@ -80,8 +90,10 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
     """
     b_dec = grad_psum(params["b_dec"], axes.model)
     xs = scale_inputs(stats, x)
+    with_scores = not with_auxk and keeps_scores(cfg, kernels)
     with jax.named_scope("encoder"):  # the scopes name the step's pieces in profiles
-        vals, indices = encode_local(cfg, axes, params, stats, x, kernels, b_dec=b_dec)
+        vals, indices, *scores = encode_local(cfg, axes, params, stats, x, kernels,
+                                              b_dec=b_dec, with_scores=with_scores)
     loss_kw = dict(backend=kernels.backend, config=kernels.loss)
     w_dec = _cast(cfg, params["W_dec"])  # [F, D/m]
     slice_args = (indices, w_dec, grad_psum(vals, axes.model), d_slice(axes, b_dec),
@@ -108,6 +120,8 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
         # recon_K of this device's D slice, constant; None when the loss saw other decoder
         # rows than AuxK's residual uses (W_dec cast to the compute dtype)
         "reconstruction": reconstruction if w_dec.dtype == params["W_dec"].dtype else None,
+        # this device's pre-activations [B/d, F/m] for AuxK's dead columns, or None
+        "scores": scores[0] if scores else None,
     }
     return recon_loss + cfg.auxk_coef * auxk, aux
 
@@ -124,12 +138,13 @@ def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
                                                    kernels=kernels, with_auxk=False),
                                  has_aux=True)
     (loss, aux), grads = grad_fn(params, stats, x)
+    scores = aux.pop("scores")
     if cfg.auxk_coef > 0:
         dead = stats["tokens_since_fired"] >= cfg.dead_tokens
         with jax.named_scope("auxk"):
             auxk, grads = sharded_auxk_loss_and_add_grads(
                 cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
-                grads, kernels, reconstruction=aux["reconstruction"])
+                grads, kernels, reconstruction=aux["reconstruction"], scores=scores)
         loss = loss + cfg.auxk_coef * auxk
         aux = {**aux, "auxk_loss": auxk}
     return (loss, aux), grads
