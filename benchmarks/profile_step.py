@@ -30,8 +30,15 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
+# XLA's command buffers (CUDA graphs) run many ops as one, which the trace shows as one
+# op without scopes ("command_buffer_N"): off, so every op is put in its piece (the step
+# then pays its kernel launches one by one: the wall time can be a little longer)
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -165,7 +172,10 @@ def main(argv=None) -> int:
     trainer = trainer_step(batch, args.n_latents, args.d_model, args.k,
                            args.compute_dtype, args.dead, args.backend, args.mesh, **settings)
     x = trainer.put(jax.random.normal(jax.random.key(2), (batch, args.d_model), jnp.float32))
-    hlo = trainer.step.lower(*trainer.state, x).compile().as_text()
+    compiled = trainer.step.lower(*trainer.state, x).compile()
+    hlo = compiled.as_text()
+    analysis = compiled.memory_analysis()
+    xla_gb = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 1e9
     module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
 
     def run():
@@ -199,8 +209,12 @@ def main(argv=None) -> int:
           f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
           f"{trainer.tc.kernels().backend}, mesh {args.mesh or 'one device'} "
           f"({batch} rows a step); {args.steps} steps traced; device times per device")
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9
+             for d in jax.local_devices()[:devices]]
     print(f"step wall time {timing['median_ms']:.3f} ms (median of {args.steps}); traced "
-          f"{traced_ms:.3f} ms a step; device busy {device_ms:.3f} ms a step\n")
+          f"{traced_ms:.3f} ms a step; device busy {device_ms:.3f} ms a step")
+    print(f"memory per device: XLA's plan {xla_gb:.2f} GB (arguments + temporaries); peak in "
+          f"use {', '.join(f'{p:.2f}' for p in peaks)} GB\n")
     print(common.markdown_table(rows, [("piece", "piece", "s"),
                                        ("ms_per_step", "ms / step", ".3f"),
                                        ("share", "share of device time", ".1%")]))
@@ -216,6 +230,7 @@ def main(argv=None) -> int:
                          mesh=args.mesh, devices=devices, rows_per_step=batch,
                          settings=settings),
         "step_ms": timing["median_ms"], "traced_ms": traced_ms, "device_ms": device_ms,
+        "xla_memory_gb": xla_gb, "peak_memory_gb": peaks,
         "pieces": rows, "ops": ops})
     print(f"\nwrote {args.out}")
     return 0 if totals else 1

@@ -37,6 +37,7 @@ from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
 from hsae_jax.train.checkpoint import Checkpointer
 from hsae_jax.train.config import TrainConfig
+from hsae_jax.train.disk import check_disk_space
 from hsae_jax.train.run_dir import (
     RESUMABLE_CHANGES,
     RunFolder,
@@ -229,6 +230,8 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     tx = make_optimizer(tc, layout)
     # made (not compiled) before anything is written: it checks the update's blocks too
     step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
+    check_disk_space(out_dir, abstract_state(layout, cfg, tx, tc.param_dtype), cfg.n_latents,
+                     cfg.d_model, log)
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
