@@ -1,6 +1,8 @@
-"""A run checks that its folder's disk holds what it will write before it trains: the
-final checkpoint of its whole state and the model file (an error, exit status 1, before any
-step), and every kept checkpoint besides (a warning). A checkpoint is the state's bytes."""
+"""What a run asks of its machine. It checks that its folder's disk holds what it will write
+before it trains: the final checkpoint of its whole state and the model file (an error,
+exit status 1, before any step), and every kept checkpoint besides (a warning); a
+checkpoint is the state's bytes. ``hsae train`` lets XLA use 95% of each GPU's memory
+unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise."""
 
 from __future__ import annotations
 
@@ -103,3 +105,19 @@ def test_room_for_one_checkpoint_but_not_every_kept_one_warns_and_trains(tmp_pat
     lines.clear()
     train(tc, str(tmp_path / "run2"), progress=False, log=lines.append)
     assert not [line for line in lines if line.startswith("warning:")]
+
+
+@pytest.mark.parametrize("user_value", [None, "0.5"])
+def test_hsae_train_lets_xla_use_95_percent_of_a_gpu_unless_told(tmp_path, monkeypatch,
+                                                                  user_value):
+    if user_value is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", user_value)
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-progress"] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    try:
+        assert main(argv) == 0
+        assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == (user_value or "0.95")
+    finally:
+        os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
