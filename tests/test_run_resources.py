@@ -17,8 +17,7 @@ from hsae_jax.cli import main
 from hsae_jax.model import save_model_files
 from hsae_jax.parallel import make_layout
 from hsae_jax.parallel.state import abstract_state, init_state
-from hsae_jax.train import DiskSpaceError, TrainConfig, train
-from hsae_jax.train import disk
+from hsae_jax.train import DiskSpaceError, TrainConfig, disk, train
 from hsae_jax.train.step import make_optimizer
 
 SMALL = dict(d_model=8, n_latents=16, k=4, batch_size=32, steps=2, synthetic_features=16,
