@@ -16,10 +16,12 @@ and from a float16 ``.npy`` file (one reading process for all GPUs).
 ``--mode sharded``: the largest dictionaries the GPUs hold, every GPU on ``model``:
 ``--sharded`` lists runs ``F[:low]`` (``low``: the low-memory options,
 hsae_jax.parallel.plan.LOW_MEMORY) separated by commas, each with fallbacks after ``|``: a
-run that fails (out of memory) is reported and its fallback is tried.
-Each trains ``--sharded-steps`` (200) steps and reports tokens/s, each device's peak
-memory beside ``hsae plan``'s estimate, and the FVU at every k (the run's fvu_vs_k.png is
-copied beside the JSON).
+run that fails (out of memory, or a disk too small for its final checkpoint and model
+file: hsae_jax.train.disk) is reported and its fallback is tried. Each trains
+``--sharded-steps`` (200) steps and reports tokens/s, each device's peak memory beside
+``hsae plan``'s estimate, and the FVU at every k (the run's fvu_vs_k.png is copied beside
+the JSON); its checkpoints and model file are then removed (F = 2^22 with the low-memory
+options: 116 GB and 77 GB).
 
 ``--mode all`` (default): the three. Prints markdown tables; writes JSON (``--out``).
 
@@ -252,7 +254,18 @@ def _sharded_run(entry: str, args) -> dict:
         row["fvu_png"] = os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                       f"fvu_vs_k-{name}.png")
         shutil.copy(png, row["fvu_png"])
+    drop_large_files(row["run_dir"])
     return row
+
+
+def drop_large_files(run_dir: str) -> None:
+    """Removes a finished run's checkpoints and model file (tens of GB for these
+    dictionaries: the next run's disk check counts on the space), keeping its metrics and
+    plots."""
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    model = os.path.join(run_dir, "sae.safetensors")
+    if os.path.exists(model):
+        os.remove(model)
 
 
 def main(argv=None) -> dict:

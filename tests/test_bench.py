@@ -218,7 +218,7 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
     the real check, since Adam hides a gradient's scale; the parameters within one Adam
     step at the peak rate), the scaling runs
     report tokens/s on 1 and 2 devices, the latent-sharded runs report the plan's memory
-    and the FVU at every k."""
+    and the FVU at every k and leave their metrics but not their checkpoints or model."""
     import os
     import subprocess
     import sys
@@ -252,6 +252,10 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
     for row in sharded:
         assert len(row["fvu_per_k"]) == 8 and all(0 < v < 10 for v in row["fvu_per_k"])
         assert row["plan_gb"] > 0 and os.path.exists(row["fvu_png"])
+        # the large files go once the row is made; the metrics stay
+        assert os.path.exists(os.path.join(row["run_dir"], "metrics.json"))
+        assert not os.path.exists(os.path.join(row["run_dir"], "checkpoints"))
+        assert not os.path.exists(os.path.join(row["run_dir"], "sae.safetensors"))
     assert "latent-sharded runs" in proc.stdout
 
 
