@@ -169,12 +169,15 @@ TRAIN_MEMORY_FRACTION = "0.95"
 """Share of each GPU's memory XLA may use in ``hsae train`` unless
 XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (JAX's default, 0.75, leaves out a quarter of
 an H200: the low-memory F = 2^22 step on two of them, 106 GB per device, ran out of memory
-under it and trains under 0.97)."""
+under it and trains under 0.97). XLA takes it as it needs it (no preallocation, unless
+XLA_PYTHON_CLIENT_PREALLOCATE says so), so a GPU shared with other processes is not
+claimed up front."""
 
 
 def _train(args) -> int:
-    # before JAX starts its GPU backend; a value the user set stays
+    # before JAX starts its GPU backend; values the user set stay
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", TRAIN_MEMORY_FRACTION)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from hsae_jax.train import TrainConfig, resume, train
 
     settings = {f.name: getattr(args, f.name) for f, _ in _setting_fields()

@@ -19,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from hsae_jax import KernelSettings
 from hsae_jax.auxk import auxk_loss, column_buckets
-from hsae_jax.encoder import SparseEncoderConfig
 from hsae_jax.encoder.api import scores
 from hsae_jax.model import (
     encode_arrays,
@@ -273,21 +272,24 @@ def test_auxk_adds_no_copy_of_an_f_by_d_array_to_either_step(sharded):
     assert counts[0] <= counts[1], counts
 
 
-def test_auxk_reads_the_dead_columns_from_the_encoder_pre_activations():
+@pytest.mark.parametrize("settings, per_bucket", [
+    ({}, 1), ({"encoder_rows": 32}, 2), ({"auxk_max_fraction": 0.25}, 2)],
+    ids=["scores-kept", "encoder-rows", "auxk-capped"])
+def test_auxk_reads_the_dead_columns_from_the_encoder_pre_activations(settings, per_bucket):
     """The step hands the encoder's [B, F] pre-activations to AuxK, which gathers its dead
     columns from them: each bucket's only [B, n] product is the activations' gradient.
-    With ``--encoder-rows`` (the pre-activations never whole) AuxK computes its columns, a
-    second [B, n] product per bucket."""
-    tc = config(n_latents=4096, d_model=48, batch_size=64, k=8, aux_k=None)  # D: no bucket
+    With ``--encoder-rows`` (the pre-activations never whole) or ``--auxk-max-fraction``
+    below 1 (AuxK's buffers kept small, so the [B, F] scores are not kept alive either)
+    AuxK computes its columns, a second [B, n] product per bucket."""
+    tc = config(n_latents=4096, d_model=48, batch_size=64, k=8, aux_k=None,  # D: no bucket
+                **settings)
     layout = make_layout("data=1,model=1", 1)
     params, stats = init_arrays(tc.sae, jax.random.key(0))
     x = jnp.zeros((tc.batch_size, tc.sae.d_model), jnp.float32)
-    buckets = [n for n in column_buckets(tc.sae.n_latents) if n < tc.sae.n_latents]
-    for kernels, per_bucket in ((KERNELS, 1), (KernelSettings(
-            "xla", encoder=SparseEncoderConfig(forward_rows=32)), 2)):
-        tx = make_optimizer(tc, layout)
-        step = make_train_step(tc.sae, tx, layout, kernels)
-        hlo = step.lower(params, stats, tx.init(params), x).compile().as_text()
-        products = re.findall(r"= f32\[64,(\d+)\]\{1,0\} dot\(", hlo)
-        assert [products.count(str(n)) for n in buckets] == [per_bucket] * len(buckets), (
-            kernels, products)
+    buckets = [n for n in column_buckets(tc.sae.n_latents, tc.sae.auxk_max_fraction)
+               if n < tc.sae.n_latents]
+    tx = make_optimizer(tc, layout)
+    step = make_train_step(tc.sae, tx, layout, tc.kernels())
+    hlo = step.lower(params, stats, tx.init(params), x).compile().as_text()
+    products = re.findall(r"= f32\[64,(\d+)\]\{1,0\} dot\(", hlo)
+    assert [products.count(str(n)) for n in buckets] == [per_bucket] * len(buckets), products

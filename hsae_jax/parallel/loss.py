@@ -54,10 +54,12 @@ def encode_local(cfg: SAEConfig, axes: Axes, params, stats, x, kernels: KernelSe
 
 def keeps_scores(cfg: SAEConfig, kernels: KernelSettings) -> bool:
     """Whether the step keeps the encoder's pre-activations for AuxK to read its dead
-    columns from: with AuxK on, unless ``--encoder-rows`` scores the batch a block of rows
-    at a time (to keep the [B, F/m] matrix from existing at once)."""
-    return cfg.auxk_coef > 0 and (kernels.encoder is None
-                                  or kernels.encoder.forward_rows is None)
+    columns from: with AuxK on and its largest bucket every column (its [B, F/m] buffers
+    then exist anyway), unless ``--encoder-rows`` scores the batch a block of rows at a
+    time. Kept, the [B, F/m] float32 scores live through the backward pass; with
+    ``--auxk-max-fraction`` below 1 (chosen to save memory) AuxK computes its columns."""
+    return cfg.auxk_coef > 0 and cfg.auxk_max_fraction >= 1 and (
+        kernels.encoder is None or kernels.encoder.forward_rows is None)
 
 
 def d_slice(axes: Axes, x, axis: int = -1):

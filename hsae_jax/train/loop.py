@@ -230,8 +230,9 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     tx = make_optimizer(tc, layout)
     # made (not compiled) before anything is written: it checks the update's blocks too
     step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
-    check_disk_space(out_dir, abstract_state(layout, cfg, tx, tc.param_dtype), cfg.n_latents,
-                     cfg.d_model, log)
+    if primary:  # the run folder is process 0's (other processes may not see it yet)
+        check_disk_space(out_dir, abstract_state(layout, cfg, tx, tc.param_dtype),
+                         cfg.n_latents, cfg.d_model, tc.steps, tc.save_every)
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
