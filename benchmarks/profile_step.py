@@ -113,9 +113,12 @@ def piece_of(op_name: str | None) -> str:
     return OTHER
 
 
-def op_times(trace_dir: str, module: str) -> tuple[dict[str, float], dict[str, int]]:
+def op_times(trace_dir: str, module: str) -> tuple[dict[str, float], dict[str, int],
+                                                  dict[str, float]]:
     """(total microseconds, event count) per HLO op of ``module`` in the Perfetto trace
-    under ``trace_dir``: device events where the trace has a device, else host ones."""
+    under ``trace_dir``: device events where the trace has a device, else host ones; and
+    the microseconds of the device events that name no HLO op of ``module``, by event
+    name (kernels the attribution misses: what the pieces leave out)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -137,7 +140,12 @@ def op_times(trace_dir: str, module: str) -> tuple[dict[str, float], dict[str, i
     for e in _leaves(ops):
         total[key(e)] += float(e.get("dur", 0.0))
         count[key(e)] += 1
-    return dict(total), dict(count)
+    counted = {id(e) for e in ops}
+    missed = collections.defaultdict(float)
+    for e in _leaves([e for e in events if e.get("ph") == "X" and e["pid"] in devices
+                      and id(e) not in counted]):
+        missed[e["name"]] += float(e.get("dur", 0.0))
+    return dict(total), dict(count), dict(missed)
 
 
 def _leaves(events: list[dict]) -> list[dict]:
@@ -189,7 +197,7 @@ def main(argv=None) -> int:
             out = run()
         jax.block_until_ready(out)
         traced_ms = (time.perf_counter() - start) * 1e3 / args.steps
-    totals, counts = op_times(trace_dir, module)
+    totals, counts, missed = op_times(trace_dir, module)
     if not args.trace_dir:
         import shutil
 
@@ -223,6 +231,13 @@ def main(argv=None) -> int:
                                       ("ms_per_step", "ms / step", ".3f"),
                                       ("calls_per_step", "calls / step", ".1f"),
                                       ("op_name", "op_name", "s")]))
+    missed_rows = [{"event": name[:80], "ms_per_step": us / per_step}
+                   for name, us in sorted(missed.items(), key=lambda kv: -kv[1])[:args.top]]
+    if missed_rows:
+        print(f"\ndevice events the pieces leave out (no HLO op of this step): "
+              f"{sum(missed.values()) / per_step:.3f} ms a step")
+        print(common.markdown_table(missed_rows, [("event", "event", "s"),
+                                                  ("ms_per_step", "ms / step", ".3f")]))
     atomic_write_json(args.out, {
         "benchmark": "profile_step", "device": common.device_info(),
         "workload": dict(batch=args.batch, n_latents=args.n_latents, d_model=args.d_model,
@@ -231,7 +246,7 @@ def main(argv=None) -> int:
                          settings=settings),
         "step_ms": timing["median_ms"], "traced_ms": traced_ms, "device_ms": device_ms,
         "xla_memory_gb": xla_gb, "peak_memory_gb": peaks,
-        "pieces": rows, "ops": ops})
+        "pieces": rows, "ops": ops, "unattributed": missed_rows})
     print(f"\nwrote {args.out}")
     return 0 if totals else 1
 

@@ -190,6 +190,37 @@ def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
     assert profile.piece_of(None) == "other (glue)"
 
 
+def test_step_profile_lists_the_device_time_its_pieces_leave_out(tmp_path):
+    """op_times on a GPU-like trace: device events of the step's HLO ops are summed per op
+    (a thread's enclosing event once), and device kernels without an HLO op of the step
+    are listed by name instead of vanishing; host events never count."""
+    import gzip
+
+    profile = _load_benchmark("profile_step")
+
+    def event(name, ts, dur, pid=1, tid=1, **args):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+                "args": args}
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        event("fusion.1", 0, 10, hlo_op="fusion.1", hlo_module="jit_step"),
+        event("fusion.1", 20, 10, hlo_op="fusion.1", hlo_module="jit_step"),
+        event("cublas", 40, 5, hlo_op="dot.3", hlo_module="jit_step"),
+        event("triton_kernel_hsae_fwd", 50, 7, tid=2),  # no HLO op: left out of the pieces
+        event("other_module_op", 60, 3, hlo_op="x", hlo_module="jit_eval"),
+        event("host_op", 0, 100, pid=2, hlo_op="fusion.1", hlo_module="jit_step"),
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "host.perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    totals, counts, missed = profile.op_times(str(tmp_path), "jit_step")
+    assert totals == {"fusion.1": 20.0, "dot.3": 5.0} and counts == {"fusion.1": 2, "dot.3": 1}
+    assert missed == {"triton_kernel_hsae_fwd": 7.0, "other_module_op": 3.0}
+
+
 def test_step_profile_on_a_mesh_shows_the_gradient_mean_over_data(tmp_path):
     """profile_step.py --mesh data=2,model=1 on 2 CPU devices (a subprocess): B rows per data
     shard, device times per device, the data axis's gradient all-reduce a piece of its own."""
