@@ -108,16 +108,15 @@ def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead) ->
     return jnp.where(is_dead[None, :], pre - zero, -jnp.inf)
 
 
-def given_preactivations(compute_dtype: str, scores, xs, w_enc, b_enc, b_dec,
-                         is_dead) -> jax.Array:
+def given_preactivations(compute_dtype: str, scores, xs, w_enc, b_enc, b_dec) -> jax.Array:
     """:func:`dead_preactivations` whose values are given: ``scores`` [B, n] float32, these
-    columns of the main encoder's pre-activations (the same arithmetic, computed once),
-    differentiated as computed here: w_enc's gradient d^T @ xc, b_enc's the sum of d over
-    B, b_dec's -(that sum) @ w_enc, with xc = xs - b_dec. -inf where ``is_dead`` is False."""
+    columns of the main encoder's pre-activations (the same arithmetic, computed once), -inf
+    already in the columns that are not dead latents. Differentiated as computed here:
+    w_enc's gradient d^T @ xc, b_enc's the sum of d over B, b_dec's -(that sum) @ w_enc,
+    with xc = xs - b_dec."""
     xc = _cast(compute_dtype, xs)
     xc = xc - jax.lax.stop_gradient(b_dec).astype(xc.dtype)
-    pre = _valued_preactivations(scores, xc, w_enc, b_enc, b_dec)
-    return jnp.where(is_dead[None, :], pre, -jnp.inf)
+    return _valued_preactivations(scores, xc, w_enc, b_enc, b_dec)
 
 
 @jax.custom_vjp
@@ -126,15 +125,15 @@ def _valued_preactivations(scores, xc, w_enc, b_enc, b_dec):
 
 
 def _valued_fwd(scores, xc, w_enc, b_enc, b_dec):
-    return scores, (scores, xc, w_enc, b_enc, b_dec)
+    return scores, (xc, w_enc, b_enc, b_dec)
 
 
 def _valued_bwd(saved, d):
-    scores, xc, w_enc, b_enc, b_dec = saved
+    xc, w_enc, b_enc, b_dec = saved
     d_bias = jnp.sum(d, axis=0)
     d_w_enc = jnp.dot(d.T, xc.astype(jnp.float32), preferred_element_type=jnp.float32)
     d_b_dec = -jnp.dot(d_bias, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return (jnp.zeros_like(scores), jnp.zeros_like(xc), d_w_enc.astype(w_enc.dtype),
+    return (jnp.zeros_like(d), jnp.zeros_like(xc), d_w_enc.astype(w_enc.dtype),
             d_bias.astype(b_enc.dtype), d_b_dec.astype(b_dec.dtype))
 
 

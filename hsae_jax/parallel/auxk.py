@@ -137,13 +137,15 @@ def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, 
                   scores=None):
     """The AuxK loss from a bucket's rows (:func:`_bucket_rows`) and b_dec [D] (this
     device's share of its gradient); xs [B, D] this device's rows, residual [B, D/m];
-    scores: the bucket's columns [B, n] of the main encoder's pre-activations, if the
-    step kept them (else computed from the rows)."""
+    scores: the bucket's columns [B, n] of the main encoder's pre-activations, -inf where
+    ``is_dead`` is False, if the step kept them (else computed from the rows)."""
     aux_k, d_model = cfg.resolved_aux_k, xs.shape[1]
-    preactivations = dead_preactivations if scores is None else functools.partial(
-        given_preactivations, scores=scores)
-    pre = preactivations(cfg.compute_dtype, xs=xs, w_enc=rows["W_enc"], b_enc=rows["b_enc"],
-                         b_dec=b_dec, is_dead=is_dead)  # [B, n]; padding never contributes
+    if scores is None:  # [B, n]; padding never contributes
+        pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"], b_dec,
+                                  is_dead)
+    else:
+        pre = given_preactivations(cfg.compute_dtype, scores, xs, rows["W_enc"],
+                                   rows["b_enc"], b_dec)
     winners = _winners(cfg, axes, kernels, pre)
     acts = jax.nn.relu(pre) if winners is None else jnp.where(winners, jax.nn.relu(pre), 0.0)
     w_dec = _cast(cfg.compute_dtype, _over_d(axes, rows["W_dec"])).astype(jnp.float32)
@@ -171,8 +173,9 @@ def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals,
                            dead, num_dead, reconstruction, scores):
     is_dead, rows, where = _bucket_rows(axes, params, dead, columns)
     residual = _residual(axes, params, xs, vals, indices, reconstruction)
-    if scores is not None and where is not None:  # the bucket's columns, padding -inf
-        scores = jnp.take(scores, where[0], axis=1, mode="fill", fill_value=-jnp.inf)
+    if scores is not None:  # the bucket's columns, -inf where no dead latent is
+        scores = (jnp.where(is_dead[None, :], scores, -jnp.inf) if where is None else
+                  jnp.take(scores, where[0], axis=1, mode="fill", fill_value=-jnp.inf))
     loss, vjp = jax.vjp(lambda r, b_dec: _loss_on_rows(cfg, axes, kernels, r, b_dec, xs,
                                                       residual, is_dead, num_dead, scores),
                         rows, params["b_dec"])
