@@ -16,7 +16,6 @@ trained float weights (zeroed Adam moments early in a run compress well, later o
 from __future__ import annotations
 
 import math
-import os
 import shutil
 
 import jax
@@ -43,14 +42,6 @@ def model_file_bytes(n_latents: int, d_model: int) -> int:
     return 4 * (2 * n_latents * d_model + n_latents + d_model)
 
 
-def saved_steps(out_dir: str) -> list[int]:
-    """The steps of the checkpoints already in ``out_dir`` (complete or not)."""
-    folder = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
-
-
 def saves_to_come(start: int, steps: int, save_every: int) -> int:
     """Checkpoints a run writes going from step ``start`` to ``steps``: every multiple of
     ``save_every`` after ``start``, and the last step."""
@@ -69,16 +60,15 @@ def bytes_to_come(checkpoint: int, model: int, existing: int, saves: int) -> int
 
 
 def check_disk_space(out_dir: str, abstract_state, n_latents: int, d_model: int, steps: int,
-                     save_every: int) -> None:
+                     save_every: int, saved: list[int]) -> None:
     """Raises :class:`DiskSpaceError` when the disk of ``out_dir`` has less free space than
-    the run will add to it: its checkpoints of ``abstract_state`` from the newest one in
-    the folder (or step 0) to ``steps``, and the model file."""
-    existing = saved_steps(out_dir)
-    start = existing[-1] if existing else 0
+    the run will add to it: its checkpoints of ``abstract_state`` from the newest of those
+    already ``saved`` there (their steps; none: step 0) to ``steps``, and the model file."""
+    start = max(saved, default=0)
     saves = saves_to_come(start, steps, save_every)
     checkpoint = state_bytes(abstract_state)
     model = model_file_bytes(n_latents, d_model)
-    need = bytes_to_come(checkpoint, model, min(len(existing), KEPT_CHECKPOINTS), saves)
+    need = bytes_to_come(checkpoint, model, min(len(saved), KEPT_CHECKPOINTS), saves)
     free = shutil.disk_usage(out_dir).free
     if need > free:
         raise DiskSpaceError(

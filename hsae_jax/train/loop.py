@@ -144,16 +144,16 @@ class _Records:
 
 
 def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl: str,
-                     resume: bool, out_dir: str, log, layout) -> tuple[dict, int]:
+                     resume: bool, out_dir: str, log, layout, abstract) -> tuple[dict, int]:
     """(state, first step) laid out on ``layout``'s mesh: a fresh state, or the one in the
     newest checkpoint that restores (newer ones that do not are named, skipped and set
-    aside), whatever mesh it was saved from."""
+    aside), whatever mesh it was saved from. ``abstract``: the state's shapes and this
+    mesh's shardings (:func:`abstract_state`)."""
     if resume:
         # the settings first: a checkpoint of other shapes would not restore anyway
         _, meta, _ = ckpt.newest_meta()
         check_resume_settings(meta["train_config"], tc, 0)
         # shapes and this mesh's shardings only: each device reads its own blocks
-        abstract = abstract_state(layout, cfg, tx, tc.param_dtype)
         state, meta, start, skipped = ckpt.restore_newest(abstract)
         check_resume_settings(meta["train_config"], tc, start)
         for step, why in skipped:
@@ -230,16 +230,17 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     tx = make_optimizer(tc, layout)
     # made (not compiled) before anything is written: it checks the update's blocks too
     step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
-    if primary:  # the run folder is process 0's (other processes may not see it yet)
-        check_disk_space(out_dir, abstract_state(layout, cfg, tx, tc.param_dtype),
-                         cfg.n_latents, cfg.d_model, tc.steps, tc.save_every)
+    abstract = abstract_state(layout, cfg, tx, tc.param_dtype)  # shapes and shardings only
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
     jsonl = os.path.join(scratch or out_dir, "metrics.jsonl")
     try:
+        if primary:  # the run folder is process 0's (other processes may not see it yet)
+            check_disk_space(out_dir, abstract, cfg.n_latents, cfg.d_model, tc.steps,
+                             tc.save_every, saved=ckpt.steps())
         state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log,
-                                        layout)
+                                        layout, abstract)
     except BaseException:
         ckpt.close()
         raise
