@@ -112,9 +112,9 @@ def write_data(s: TrainBenchSettings, log=print) -> dict[str, str]:
 
 def settle_written_files(log=print) -> None:
     """Waits until the data just written is on disk (``os.sync``), so that the runs that
-    read it are not timed while the kernel writes gigabytes of dirty pages back (on the
-    H200, file runs timed right after writing 7.4 GB got 0.84-0.90 of the synthetic
-    speed; a float16 file run written minutes earlier got 1.13: the likely difference)."""
+    read it are not timed while the kernel writes gigabytes of dirty pages back. (On the
+    H200 this did not explain the spread of the file runs, 0.87-1.14 of the synthetic
+    speed: benchmarks/NOTES.md, eighth session.)"""
     started = time.perf_counter()
     os.sync()
     log(f"data on disk ({time.perf_counter() - started:.1f} s to flush)")
