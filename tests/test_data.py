@@ -138,6 +138,36 @@ def test_a_source_reads_whole_rows_in_their_stored_dtype(stored):
     np.testing.assert_array_equal(held, rows[source.sampler.held_out_rows()])
 
 
+def test_rows_are_read_into_a_given_buffer_of_the_stored_dtype(tmp_path):
+    """``take(ids, out=)`` / ``host_batch(step, out=)`` fill and return the caller's array
+    (runs of rows, scattered rows, across shards); a buffer of the wrong shape, dtype or a
+    read-only one is refused, naming ``out``."""
+    rows = rows_of(1600, 4, np.float16)
+    cache = open_rows(make_cache(tmp_path / "c", rows, "float16", rows_per_shard=200))
+    source = RowSource(cache, batch_size=256, seed=1, eval_fraction=0)
+    out = np.full((256, 4), np.nan, np.float16)
+    assert source.host_batch(2, out=out) is out
+    np.testing.assert_array_equal(out, rows[source.sampler.batch_rows(2)])
+    scattered = np.random.default_rng(0).permutation(1600)[:256]  # no runs: the gather path
+    assert cache.take(scattered, out=out) is out
+    np.testing.assert_array_equal(out, rows[scattered])
+    for bad in (np.empty((255, 4), np.float16), np.empty((256, 4), np.float32)):
+        with pytest.raises(ValueError, match=r"out must be a writeable \(256, 4\) array of "
+                                             r"float16"):
+            cache.take(scattered, out=bad)
+    frozen = np.empty((256, 4), np.float16)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cache.take(scattered, out=frozen)
+    f64 = RowSource(open_rows(save(tmp_path / "f64.npy", rows_of(64, 3, np.float64))), 16,
+                    eval_fraction=0)
+    out = np.empty((16, 3), np.float32)
+    assert f64.host_dtype == np.float32 and f64.host_batch(1, out=out) is out
+    np.testing.assert_array_equal(out, f64.host_batch(1))
+    with pytest.raises(ValueError, match="out must be a"):
+        f64.host_batch(1, out=np.empty((16, 3), np.float64))
+
+
 def test_batches_mix_rows_from_every_shard(tmp_path):
     rows = rows_of(1600, 4)
     cache = open_rows(make_cache(tmp_path / "c", rows, rows_per_shard=200))
@@ -274,6 +304,28 @@ def test_the_loaders_batches_equal_the_sources_in_float32(tmp_path, dtype):
             np.testing.assert_array_equal(
                 np.asarray(x), rows[source.sampler.batch_rows(step)].astype(np.float32))
     assert set(copied) == {np.dtype(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_loader_reuses_host_buffers_without_changing_batches_it_gave(tmp_path, dtype):
+    """Each reading thread reads into the host buffer of a batch already on the device (at
+    most one buffer per thread is ever made), and no batch handed out changes afterwards:
+    every batch kept to the end still equals its rows (float32 batches are copied, never
+    aliased to the buffer, on the device)."""
+    rows = rows_of(3000, 8, dtype)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    buffers = []
+
+    def put(host):
+        buffers.append(host.__array_interface__["data"][0])
+        return jax.device_put(host)
+
+    with Prefetcher(source, range(40), put=put, depth=4, workers=2) as batches:
+        kept = list(batches)
+    assert len(buffers) == 40 and len(set(buffers)) <= 2
+    for step, x in kept:
+        np.testing.assert_array_equal(
+            np.asarray(x), rows[source.sampler.batch_rows(step)].astype(np.float32))
 
 
 def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path):

@@ -5,7 +5,9 @@
 starts their copy to the device (``put``), converts them to float32 and checks them for
 NaN / inf on the device (one small program per local device), and keeps up to ``depth``
 batches in flight, so the training step never waits on the disk, on NumPy or on the
-host-to-device copy. Sources that make their batches on the device (the synthetic
+host-to-device copy. Each thread reads into the host buffer of a batch already on
+the device (fresh [B, D] buffers cost page faults, and large freed ones an unmap, on every
+batch). Sources that make their batches on the device (the synthetic
 generator) are called from the consuming thread instead: JAX's asynchronous dispatch
 already overlaps them with the step. Rows travel in their stored dtype (half the bytes
 for float16 / bfloat16 caches); the step always receives float32, so it is compiled once
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import inspect
+import queue
 from collections.abc import Callable, Iterator
 
 import jax
@@ -24,7 +28,9 @@ import jax.numpy as jnp
 
 @jax.jit
 def _float32_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return x.astype(jnp.float32), jnp.all(jnp.isfinite(x))
+    # a float32 batch is copied, never forwarded: the host buffer it came from is reused
+    converted = jnp.copy(x) if x.dtype == jnp.float32 else x.astype(jnp.float32)
+    return converted, jnp.all(jnp.isfinite(x))
 
 
 def _prepare(batch) -> tuple[jax.Array, bool]:
@@ -67,16 +73,31 @@ class Prefetcher:
         if hasattr(source, "host_batch"):
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=workers or min(depth, 4), thread_name_prefix="hsae-prefetch")
+        # host buffers of batches already on the device, read into again (sources whose
+        # host_batch takes ``out``): at most one per reading thread
+        self._buffers: queue.SimpleQueue | None = None
+        if self._pool is not None and "out" in inspect.signature(source.host_batch).parameters:
+            self._buffers = queue.SimpleQueue()
         self._pending: collections.deque = collections.deque()
 
     def _read(self, step: int):
-        rows = self.source.host_batch(step, self.process_index, self.process_count)
-        batch, finite = _prepare(self.put(rows))
+        buffer = None
+        if self._buffers is not None:
+            try:
+                buffer = self._buffers.get_nowait()
+            except queue.Empty:
+                pass
+        args = (step, self.process_index, self.process_count)
+        rows = (self.source.host_batch(*args) if buffer is None
+                else self.source.host_batch(*args, out=buffer))
+        batch, finite = _prepare(self.put(rows))  # waits until the device has the rows
         if not finite:
             check = getattr(self.source, "non_finite_error", None)
             if check is None:
                 raise ValueError(f"step {step}'s batch holds NaN or inf")
             raise check(step, rows, self.process_index, self.process_count)
+        if self._buffers is not None:
+            self._buffers.put(rows)
         return batch
 
     def __iter__(self) -> Iterator[tuple[int, jax.Array]]:

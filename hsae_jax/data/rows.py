@@ -102,19 +102,27 @@ class MappedRows:
             out[pos - start:end - start] = self._map(index)[pos - first:end - first]
             pos, index = end, index + 1
 
-    def take(self, rows) -> np.ndarray:
+    def take(self, rows, out: np.ndarray | None = None) -> np.ndarray:
         """Rows by global id: ``rows`` [n] integers in [0, n_rows), any order, repeats
-        allowed -> a new [n, D] array of :attr:`dtype`, in the given order.
+        allowed -> [n, D] of :attr:`dtype`, in the given order: written into ``out`` (an
+        [n, D] array of :attr:`dtype`, returned) when given, else a new array.
 
         Ids that come in runs of consecutive rows (a training batch's blocks) are copied
         one slice per run; otherwise they are sorted, grouped by segment and gathered from
-        each segment's memory map.
+        each segment's memory map. Reusing ``out`` spares a batch the page faults of fresh
+        memory (and the unmapping of a large freed one) on every read.
         """
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
             raise TypeError(f"take: rows must be a 1-D integer array, got {rows.dtype} "
                             f"shape {rows.shape}")
-        out = np.empty((rows.size, self._d_model), self._dtype)
+        want = (rows.size, self._d_model)
+        if out is None:
+            out = np.empty(want, self._dtype)
+        elif out.shape != want or out.dtype != self._dtype or not out.flags.writeable:
+            raise ValueError(f"take: out must be a writeable {want} array of {self._dtype}, "
+                             f"got {out.shape} {out.dtype}"
+                             f"{'' if out.flags.writeable else ' (read-only)'}")
         if rows.size == 0:
             return out
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1

@@ -72,13 +72,29 @@ class RowSource:
         return self.sampler.batch_rows(step, process_index * share,
                                        (process_index + 1) * share)
 
-    def host_batch(self, step: int, process_index: int = 0, process_count: int = 1
-                   ) -> np.ndarray:
-        """This process's share [B / process_count, D] of step ``step``'s batch, stored
-        dtype (float64 files come back as float32). Not checked for NaN / inf here: the
-        loader checks on the device and calls :meth:`non_finite_error` when it must."""
-        x = self.rows.take(self._share(step, process_index, process_count))
-        return x.astype(np.float32) if x.dtype == np.float64 else x
+    @property
+    def host_dtype(self) -> np.dtype:
+        """The dtype of :meth:`host_batch`'s rows: the stored one (float32 for float64)."""
+        return np.dtype(np.float32) if self.dtype == np.float64 else np.dtype(self.dtype)
+
+    def host_batch(self, step: int, process_index: int = 0, process_count: int = 1,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """This process's share [B / process_count, D] of step ``step``'s batch, of
+        :attr:`host_dtype`: written into ``out`` (such an array, returned; the loader
+        passes back the buffers of batches already on the device) when given. Not checked
+        for NaN / inf here: the loader checks on the device and calls
+        :meth:`non_finite_error` when it must."""
+        ids = self._share(step, process_index, process_count)
+        if self.dtype != np.float64:
+            return self.rows.take(ids, out=out)
+        x = self.rows.take(ids).astype(np.float32)
+        if out is None:
+            return x
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(f"host_batch: out must be a {x.shape} float32 array, got "
+                             f"{out.shape} {out.dtype}")
+        out[...] = x
+        return out
 
     def non_finite_error(self, step: int, rows: np.ndarray, process_index: int = 0,
                          process_count: int = 1) -> NonFiniteRowsError:
