@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -185,13 +186,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(command: str, run_dir, settings: dict) -> list[str]:
+def _start_two_processes(command: str, run_dir, settings: dict, changed: dict | None = None
+                         ) -> tuple[list[int], list[str]]:
     """``mesh_runs.py COMMAND RUN_DIR SETTINGS`` in 2 processes x 2 CPU devices joined by
-    jax.distributed on 127.0.0.1; returns their logs (both must exit 0)."""
+    jax.distributed on 127.0.0.1 (process 1's settings updated with ``changed``); returns
+    their exit codes and logs."""
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(HERE, "mesh_runs.py"), command, str(run_dir),
-         json.dumps({**settings, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+         json.dumps({**settings, **((changed or {}) if i else {}),
+                     "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
                      "process_id": i})], env=cpu_env(2), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -199,7 +203,13 @@ def _two_processes(command: str, run_dir, settings: dict) -> list[str]:
     finally:
         for p in procs:
             p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return [p.returncode for p in procs], logs
+
+
+def _two_processes(command: str, run_dir, settings: dict) -> list[str]:
+    """:func:`_start_two_processes`, which must both exit 0; returns their logs."""
+    codes, logs = _start_two_processes(command, run_dir, settings)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     return logs
 
 
@@ -228,6 +238,33 @@ def test_two_processes_equal_one(tmp_path):
     two = HierarchicalTopKSAE.load(str(tmp_path / "two")).params()
     one = HierarchicalTopKSAE.load(str(tmp_path / "one")).params()
     chex.assert_trees_all_close(two, one, rtol=1e-6, atol=1e-7)
+
+
+def test_a_process_that_cannot_start_stops_the_other_with_its_reason(tmp_path):
+    """Process 0 finds the run folder holding a file, or process 1 finds no data: both
+    processes exit at once with status 1 (no process waits at a barrier until it times
+    out), the one that started naming the other and its error; nothing is written."""
+    data = tmp_path / "acts.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32))
+    settings = dict(d_model=16, n_latents=64, k=4, batch_size=32, steps=4, eval_batches=1,
+                    data=str(data), mesh="data=2,model=2")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    codes, logs = _start_two_processes("train", taken, settings)
+    assert codes == [1, 1], logs
+    assert "already holds files (notes.txt)" in logs[0]
+    assert re.search(r"ProcessFailedError: process 0 of 2 could not start, so no process "
+                     r"trains: FileExistsError: .*already holds files \(notes.txt\)", logs[1])
+    assert sorted(os.listdir(taken)) == ["notes.txt"]
+
+    fresh = tmp_path / "fresh"
+    codes, logs = _start_two_processes("train", fresh, settings,
+                                       {"data": str(tmp_path / "elsewhere.npy")})
+    assert codes == [1, 1], logs
+    assert re.search(r"ProcessFailedError: process 1 of 2 could not start, so no process "
+                     r"trains: FileNotFoundError: .*elsewhere.npy", logs[0])
+    assert not fresh.exists() or not os.listdir(fresh)
 
 
 # ------------------------------------------------------------------ in this process

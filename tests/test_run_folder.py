@@ -219,6 +219,7 @@ def test_a_new_run_never_replaces_what_a_folder_holds(base, tmp_path, capsys):
         status, _, err = cli(capsys, "train", "--out", str(folder), *flags(**SMALL))
         assert status == 2 and message in error_line(err)
         assert snapshot(folder) == before
+    assert not (model_only / LOCK_NAME).exists()  # the refused folder gets no lock file
 
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path, capsys):

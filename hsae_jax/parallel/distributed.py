@@ -68,3 +68,31 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_primary() -> bool:
     """Whether this process writes the run folder's files (process 0)."""
     return jax.process_index() == 0
+
+
+START_MESSAGE_BYTES = 2048  # of each process's start-up failure, as gathered
+
+
+def start_failures(failure: BaseException | None) -> list[tuple[int, str]]:
+    """(process index, "ErrorType: message") of every process that could not start.
+
+    Every process of a run calls this exactly once, after its own start-up (process 0:
+    claiming the run folder and checking its disk; every process: opening its data) and
+    before the run's first collective (orbax's barriers, the step): ``failure`` is what
+    stopped this process, or None. So a process that fails alone does not leave the
+    others waiting at a barrier until they time out: they learn who failed and why. One
+    process: ``[]`` or its own failure, without any communication.
+    """
+    text = "" if failure is None else f"{type(failure).__name__}: {failure}"
+    if jax.process_count() == 1:
+        return [] if failure is None else [(0, text)]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(START_MESSAGE_BYTES, np.uint8)
+    row[0] = failure is not None
+    encoded = text.encode("utf-8", errors="replace")[:START_MESSAGE_BYTES - 1]
+    row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))  # [processes, bytes]
+    return [(index, bytes(r[1:]).rstrip(b"\0").decode("utf-8", errors="replace"))
+            for index, r in enumerate(rows) if r[0]]

@@ -4,7 +4,12 @@ the run folder's rules (a lock, no overwrites, resume)."""
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.disk import DiskSpaceError
 from hsae_jax.train.loop import resume, train
-from hsae_jax.train.run_dir import RunError, RunInUseError, TrainingFailedError
+from hsae_jax.train.run_dir import (
+    ProcessFailedError,
+    RunError,
+    RunInUseError,
+    TrainingFailedError,
+)
 
-__all__ = ["DiskSpaceError", "RunError", "RunInUseError", "TrainConfig", "TrainingFailedError",
-           "resume", "train"]
+__all__ = ["DiskSpaceError", "ProcessFailedError", "RunError", "RunInUseError", "TrainConfig",
+           "TrainingFailedError", "resume", "train"]

@@ -53,6 +53,16 @@ def _interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
 
 
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The steps of the complete checkpoints in ``run_dir/checkpoints`` (orbax's listing),
+    newest first; read without a CheckpointManager, whose creation waits for every process
+    of a run at a barrier."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(ocp.path.step.checkpoint_steps(directory), reverse=True)
+
+
 class Checkpointer:
     """``background``: saves return once the state is off the device (False: once the
     files are written)."""

@@ -16,6 +16,7 @@ finite, writes its files and then raises :class:`TrainingFailedError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 
@@ -35,11 +37,12 @@ from hsae_jax.parallel import MeshShape, distributed, make_layout
 from hsae_jax.parallel.evaluate import evaluate_sharded
 from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
-from hsae_jax.train.checkpoint import Checkpointer
+from hsae_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.disk import check_disk_space
 from hsae_jax.train.run_dir import (
     RESUMABLE_CHANGES,
+    ProcessFailedError,
     RunFolder,
     TrainingFailedError,
     check_resume_settings,
@@ -182,7 +185,9 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
     with ``resume``, continues from the newest checkpoint in ``out_dir`` that restores
     (``tc`` may differ from the saved settings only in ``RESUMABLE_CHANGES``; see
     :func:`resume` to continue with the saved settings). The folder is locked for the
-    run's life (:class:`RunInUseError` if another process has it). Raises
+    run's life (:class:`RunInUseError` if another process has it). With several processes,
+    one that cannot start (the folder, its disk, its data) stops them all before the first
+    barrier: the others raise :class:`ProcessFailedError` naming it and its error. Raises
     :class:`TrainingFailedError` (after writing the run's files) when too many updates
     were skipped as non-finite (``tc.max_skipped_fraction``) or the final FVU is not
     finite.
@@ -191,11 +196,20 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
         xla_determinism.request(log)
     tc = resolve_paths(tc)
     distributed.initialize(tc.coordinator, tc.num_processes, tc.process_id)
-    source = source or tc.open_source()
-    if not distributed.is_primary():  # trains, but process 0 owns the folder and its files
-        return _train(tc, out_dir, resume, source, False, lambda *_: None, primary=False)
-    with RunFolder.claim(out_dir, resume=resume):
-        return _train(tc, out_dir, resume, source, progress, log, primary=True)
+    primary = distributed.is_primary()  # process 0 owns the folder and its files
+    with contextlib.ExitStack() as claimed:
+        try:
+            source = source or tc.open_source()
+            if primary:
+                claimed.enter_context(RunFolder.claim(out_dir, resume=resume))
+            run = _set_up(tc, out_dir, source, primary)
+        except Exception as err:
+            _start_together(err)
+            raise
+        _start_together(None)
+        if not primary:  # trains, but writes nothing in the run folder
+            return _train(tc, run, out_dir, resume, False, lambda *_: None, primary=False)
+        return _train(tc, run, out_dir, resume, progress, log, primary=True)
 
 
 def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
@@ -218,9 +232,21 @@ def resume(run_dir: str, *, source=None, progress: bool = True, log=print,
     return train(tc, run_dir, resume=True, source=source, progress=progress, log=log)
 
 
-def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, log, *,
-           primary: bool) -> dict:
-    """:func:`train`'s body, run with ``out_dir`` claimed (by process 0)."""
+class _SetUp(NamedTuple):
+    """What a run is made of, before anything is written or any process waits on another."""
+
+    cfg: object  # the SAEConfig, d_model from the source
+    kernels: object
+    layout: object
+    source: object
+    tx: object
+    step_fn: object
+    abstract: dict  # the state's shapes and this mesh's shardings
+
+
+def _set_up(tc: TrainConfig, out_dir: str, source, primary: bool) -> _SetUp:
+    """The run's model, mesh, optimizer and (not compiled) step; on process 0, the check
+    that the disk of ``out_dir`` holds what the run will write."""
     cfg = dataclasses.replace(tc.sae, d_model=source.d_model)
     kernels = tc.kernels()
     layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
@@ -231,14 +257,41 @@ def _train(tc: TrainConfig, out_dir: str, resume: bool, source, progress: bool, 
     # made (not compiled) before anything is written: it checks the update's blocks too
     step_fn = make_train_step(cfg, tx, layout, kernels, update=tc.row_blocks())
     abstract = abstract_state(layout, cfg, tx, tc.param_dtype)  # shapes and shardings only
+    if primary:  # the run folder is process 0's (other processes may not see it yet)
+        check_disk_space(out_dir, abstract, cfg.n_latents, cfg.d_model, tc.steps,
+                         tc.save_every, saved=checkpoint_steps(out_dir))
+    return _SetUp(cfg, kernels, layout, source, tx, step_fn, abstract)
+
+
+def _start_together(failure: Exception | None) -> None:
+    """Every process's start-up outcome, exchanged once (``distributed.start_failures``)
+    before the run's first barrier. Raises ProcessFailedError, naming the process and its
+    error, in the processes that did start when another did not; a process that failed
+    goes on to raise its own error."""
+    try:
+        failed = distributed.start_failures(failure)
+    except Exception:
+        if failure is not None:  # the exchange failed too: the process's own error counts
+            return
+        raise
+    others = [(index, text) for index, text in failed if index != jax.process_index()]
+    if failure is None and others:
+        index, text = others[0]
+        more = f" (and {len(others) - 1} other process(es))" if len(others) > 1 else ""
+        raise ProcessFailedError(f"process {index} of {jax.process_count()} could not start"
+                                 f"{more}, so no process trains: {text}")
+
+
+def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: bool, log, *,
+           primary: bool) -> dict:
+    """:func:`train`'s body, once every process has started (``out_dir`` claimed by
+    process 0)."""
+    cfg, kernels, layout, source, tx, step_fn, abstract = run
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
     jsonl = os.path.join(scratch or out_dir, "metrics.jsonl")
     try:
-        if primary:  # the run folder is process 0's (other processes may not see it yet)
-            check_disk_space(out_dir, abstract, cfg.n_latents, cfg.d_model, tc.steps,
-                             tc.save_every, saved=ckpt.steps())
         state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log,
                                         layout, abstract)
     except BaseException:

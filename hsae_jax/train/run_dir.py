@@ -42,6 +42,10 @@ class RunInUseError(RunError):
     """Another process holds the run folder's lock."""
 
 
+class ProcessFailedError(RunError):
+    """Another process of a multi-process run failed to start (its error is named)."""
+
+
 class TrainingFailedError(RunError):
     """The run ended, its files are kept, but it trained (almost) nothing."""
 
@@ -127,6 +131,7 @@ class RunFolder:
             raise FileExistsError(f"{run_dir} is a file, not a run folder: choose another "
                                   "output folder")
         created = None if resume else _first_missing(path)
+        lock_existed = os.path.exists(os.path.join(path, LOCK_NAME))
         try:
             os.makedirs(path, exist_ok=True)
             lock = RunLock(path).acquire()
@@ -135,6 +140,9 @@ class RunFolder:
             raise type(err)(f"cannot write the run folder {path}: "
                             f"{err.strerror or err}") from None
         if not resume and _contents(path):
+            if not lock_existed:  # leave the folder as it was: no lock file of ours in it
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)
             lock.release()
             raise FileExistsError(_not_empty_message(run_dir, _contents(path)))
         folder = cls(path, created, lock)
