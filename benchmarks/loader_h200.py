@@ -10,7 +10,11 @@ then, each with the trainer's own pieces (``TrainConfig``, ``init_state``,
 - ``loader``: the prefetching loader alone (read, copy to the device, float32 + NaN check),
   for several reading-thread counts;
 - ``loop``: step and loader together, as the trainer runs them (the rate to match: the
-  ``synthetic`` loop, whose batches are made on the device).
+  ``synthetic`` loop, whose batches are made on the device);
+- the loader's pieces, on the same threads, each thread reading into its own buffer as the
+  loader does: ``read`` (``host_batch`` alone), ``read + put`` (and the copy to the device,
+  waited for), ``read + put via pinned`` (the copy staged through a ``pinned_host`` array,
+  where the platform has that memory kind): which of them caps the loader.
 
 Each row: ms per batch (median of ``--repeats`` timings of ``--steps`` batches) and
 tokens/s. Prints a markdown table, writes JSON (``--out``).
@@ -22,9 +26,12 @@ CPU:  python benchmarks/loader_h200.py --tiny --out /tmp/loader.json
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import statistics
+import threading
 import time
 
 import jax
@@ -101,6 +108,38 @@ def timed(run, repeats: int, steps: int, batch: int) -> dict:
     return {"ms_per_batch": ms, "tokens_per_s": batch / ms * 1e3}
 
 
+def pieces(layout, put) -> dict:
+    """What each piece's thread does with the rows it read: nothing, the copy to the device
+    (waited for), and, where the platform has pinned host memory, that copy staged through
+    a ``pinned_host`` array."""
+    done = {"read": None, "read + put": lambda x: put(x).block_until_ready()}
+    device = layout.batch_sharding
+    try:
+        pinned = device.with_memory_kind("pinned_host")
+        jax.device_put(np.zeros((1, 1), np.float32), pinned.with_spec(
+            jax.sharding.PartitionSpec())).block_until_ready()
+    except Exception:  # noqa: BLE001 - no pinned host memory here (a CPU): no such row
+        return done
+    done["read + put via pinned"] = lambda x: jax.device_put(
+        jax.device_put(x, pinned), device).block_until_ready()
+    return done
+
+
+def read_on_threads(source, n: int, workers: int, move, first: int) -> None:
+    """Steps ``first .. first + n`` read by ``workers`` threads, each into its own host
+    buffer (as the loader reads), then ``move``d (None: nothing)."""
+    local = threading.local()
+
+    def one(step):
+        buffer = getattr(local, "buffer", None)
+        local.buffer = x = source.host_batch(step, out=buffer)
+        if move is not None:
+            move(x)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(first, first + n)))
+
+
 class Trainer:
     """The trainer's step on its state, for ``tc`` (one device)."""
 
@@ -150,6 +189,14 @@ def main(argv=None) -> int:
 
             rows.append({"what": "loader", "data": f".npy {dtype}", "workers": workers,
                          **timed(load_only, args.repeats, n, args.batch)})
+
+    for dtype, path in paths.items():  # the loader's pieces
+        source = settings(args, path).open_source()
+        for workers in args.workers:
+            for what, move in pieces(trainer.layout, put).items():
+                rows.append({"what": what, "data": f".npy {dtype}", "workers": workers,
+                             **timed(functools.partial(read_on_threads, source, n, workers,
+                                                       move), args.repeats, n, args.batch)})
 
     sources = {"synthetic": synthetic,
                **{f".npy {dt}": settings(args, p).open_source() for dt, p in paths.items()}}
