@@ -328,6 +328,70 @@ def test_the_loader_reuses_host_buffers_without_changing_batches_it_gave(tmp_pat
             np.asarray(x), rows[source.sampler.batch_rows(step)].astype(np.float32))
 
 
+def test_a_source_wrapper_passing_keywords_on_gets_the_buffers_too(tmp_path):
+    """A wrapper's ``host_batch(step, *args, **kwargs)`` (benchmarks/soak.py's probe) is
+    handed ``out=`` like the source it wraps: the run it measures reads as the trainer's."""
+    rows = rows_of(1000, 8)
+    base = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 32, eval_fraction=0)
+    given = []
+
+    class Wrapped(RowSource):
+        def host_batch(self, step, *args, **kwargs):
+            given.append("out" in kwargs)
+            return super().host_batch(step, *args, **kwargs)
+
+    source = Wrapped(base.rows, 32, eval_fraction=0)
+    with Prefetcher(source, range(12), put=jax.device_put, depth=2, workers=1) as batches:
+        for step, x in batches:
+            np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
+    assert given[0] is False and any(given[1:])
+
+
+def test_a_host_buffer_is_read_into_again_only_once_its_rows_are_used(tmp_path,
+                                                                        monkeypatch):
+    """With a slow device copy (``_prepare`` delayed; a host ``put`` leaves the rows in
+    the buffer until then) no batch is overwritten by a later read into its buffer; and a
+    batch with a NaN row is named from its own rows while other threads keep reading."""
+    import time
+
+    from hsae_jax.data import loader
+
+    rows = rows_of(3000, 8, np.float32)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    prepare = loader._prepare
+    monkeypatch.setattr(loader, "_prepare", lambda b: (time.sleep(0.02), prepare(b))[1])
+    with Prefetcher(source, range(20), put=lambda host: host, depth=4, workers=2) as batches:
+        for step, x in batches:
+            np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
+
+    bad = int(source.sampler.batch_rows(1)[5])
+    rows[bad, 3] = np.nan
+    source = RowSource(open_rows(save(tmp_path / "b.npy", rows)), 64, eval_fraction=0)
+    monkeypatch.setattr(loader, "_prepare", prepare)
+    named = source.non_finite_error
+    source.non_finite_error = lambda *args: (time.sleep(0.2), named(*args))[1]
+    with pytest.raises(NonFiniteRowsError, match=rf"^1 row\(s\) of step 1's batch .*b.npy "
+                                                 rf"row {bad}\."):
+        with Prefetcher(source, range(20), put=jax.device_put, depth=4, workers=2) as batches:
+            for _ in batches:
+                pass
+
+
+def test_a_deferring_loader_hands_out_a_nan_batch_and_keeps_its_error(tmp_path):
+    """``defer_non_finite`` (a process of several): the batch with a NaN row is handed out
+    as read, its error kept in ``deferred`` naming the row; the batches after it follow."""
+    rows = rows_of(3000, 8, np.float16)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    bad = int(source.sampler.batch_rows(3)[7])
+    rows[bad, 1] = np.inf
+    source = RowSource(open_rows(save(tmp_path / "b.npy", rows)), 64, eval_fraction=0)
+    with Prefetcher(source, range(6), put=jax.device_put, defer_non_finite=True) as batches:
+        seen = [(step, bool(np.isfinite(np.asarray(x)).all())) for step, x in batches]
+    assert seen == [(s, s != 3) for s in range(6)]
+    assert len(batches.deferred) == 1 and isinstance(batches.deferred[0], NonFiniteRowsError)
+    assert f"b.npy row {bad}" in str(batches.deferred[0])
+
+
 def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path):
     """On a (data=2, model=2) mesh of 4 CPU devices (a subprocess): float16 rows arrive
     float32 with the batch's sharding, and a NaN row is named."""

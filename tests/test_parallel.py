@@ -254,17 +254,73 @@ def test_a_process_that_cannot_start_stops_the_other_with_its_reason(tmp_path):
     codes, logs = _start_two_processes("train", taken, settings)
     assert codes == [1, 1], logs
     assert "already holds files (notes.txt)" in logs[0]
-    assert re.search(r"ProcessFailedError: process 0 of 2 could not start, so no process "
-                     r"trains: FileExistsError: .*already holds files \(notes.txt\)", logs[1])
+    assert re.search(r"ProcessFailedError: process 0 of 2 could not start; every process "
+                     r"stops: FileExistsError: .*already holds files \(notes.txt\)", logs[1])
     assert sorted(os.listdir(taken)) == ["notes.txt"]
 
     fresh = tmp_path / "fresh"
     codes, logs = _start_two_processes("train", fresh, settings,
                                        {"data": str(tmp_path / "elsewhere.npy")})
     assert codes == [1, 1], logs
-    assert re.search(r"ProcessFailedError: process 1 of 2 could not start, so no process "
-                     r"trains: FileNotFoundError: .*elsewhere.npy", logs[0])
+    assert re.search(r"ProcessFailedError: process 1 of 2 could not start; every process "
+                     r"stops: FileNotFoundError: .*elsewhere.npy", logs[0])
     assert not fresh.exists() or not os.listdir(fresh)
+
+
+def test_the_processes_exchange_their_failures_and_name_a_silent_one():
+    """``distributed.failures``: each process learns the others' failures (not its own),
+    exchange after exchange; a process that gives no word within the timeout is named."""
+    script = """
+import sys, time
+from hsae_jax.parallel import distributed
+me = int(sys.argv[1])
+distributed.initialize(sys.argv[2], 2, me)
+print("first", distributed.failures(None if me else ValueError("no data")), flush=True)
+print("second", distributed.failures(KeyError("x") if me else None), flush=True)
+if me:
+    time.sleep(8)  # gives no word in the third exchange
+else:
+    print("third", distributed.failures(None, timeout_s=2), flush=True)
+"""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), f"127.0.0.1:{port}"],
+                              env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert "first []" in logs[0] and "first [(0, 'ValueError: no data')]" in logs[1], logs
+    assert "second [(1, \"KeyError: 'x'\")]" in logs[0] and "second []" in logs[1], logs
+    assert re.search(r"third \[\(1, .no word from it within 2 s \(it died or is stuck", logs[0]), \
+        logs[0]
+
+
+def test_a_batch_with_nan_on_one_process_stops_every_process_where_they_check(tmp_path):
+    """Process 1's share of step 5's batch holds NaN (its own copy of the data): the step's
+    update is skipped on every device, and at the next step that logs (6) both processes
+    stop with status 1, process 1 naming the rows and process 0 naming process 1 and its
+    error, instead of process 0 waiting in the step's collectives for good. Nothing of the
+    failed run is kept (it saved no checkpoint)."""
+    rows = np.random.default_rng(0).normal(size=(1024, 16)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", rows)
+    settings = dict(d_model=16, n_latents=64, k=4, batch_size=32, steps=12, save_every=12,
+                    log_every=3, eval_every=12, eval_batches=1, eval_fraction=0,
+                    data=str(tmp_path / "acts.npy"), mesh="data=2,model=2")
+    source = TrainConfig.from_flat(**settings).open_source()
+    later = np.concatenate([source._share(s, 1, 2) for s in range(6, 12)])  # process 1's
+    bad_rows = np.setdiff1d(source._share(5, 1, 2), later)[:3]
+    assert bad_rows.size and not np.isin(bad_rows, source._share(0, 0, 1)).any()
+    bad = rows.copy()
+    bad[bad_rows, 7] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    run = tmp_path / "run"
+    codes, logs = _start_two_processes("train", run, settings,
+                                       {"data": str(tmp_path / "bad.npy")})
+    assert codes == [1, 1], logs
+    assert re.search(r"NonFiniteRowsError: 3 row\(s\) of step 5's batch hold NaN or inf: "
+                     rf".*bad.npy row {bad_rows.min()}", logs[1]), logs[1][-2000:]
+    assert re.search(r"ProcessFailedError: process 1 of 2 stopped at step 6; every process "
+                     r"stops: NonFiniteRowsError: 3 row\(s\) of step 5's batch", logs[0]), \
+        logs[0][-2000:]
+    assert not run.exists() or not os.listdir(run)
 
 
 # ------------------------------------------------------------------ in this process

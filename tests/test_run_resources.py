@@ -185,3 +185,25 @@ def test_the_allocator_settings_are_made_before_jax_starts_its_backend(tmp_path)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_one_process_run_names_bad_data_before_starting_jax(tmp_path):
+    """A bad --data path is named before JAX's backend starts (on a GPU: before CUDA is
+    set up and its memory reserved): the processes' start-up exchange costs a one-process
+    run nothing."""
+    import subprocess
+    import sys
+
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-progress",
+            "--data", str(tmp_path / "missing.npy")]
+    script = (
+        "import jax._src.xla_bridge as xb\n"
+        "from hsae_jax.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    print('status', e.code, 'backend', xb.backends_are_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert "status 2 backend False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "missing.npy" in proc.stderr

@@ -47,6 +47,12 @@ def _prepare(batch) -> tuple[jax.Array, bool]:
         batch.shape, batch.sharding, [converted for converted, _ in done]), finite
 
 
+def _takes_out(host_batch) -> bool:
+    """Whether ``host_batch`` takes ``out=`` (named, or through ``**kwargs``: a wrapper)."""
+    parameters = inspect.signature(host_batch).parameters.values()
+    return any(p.name == "out" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 class Prefetcher:
     """Iterates ``(step, batch)`` for ``steps`` in order, up to ``depth`` batches ahead.
 
@@ -59,16 +65,22 @@ class Prefetcher:
       ``jax.make_array_from_process_local_data`` with several processes).
     workers: reading threads (default: ``min(depth, 4)``).
     Errors raised while reading step s (e.g. a batch with non-finite rows) are raised by
-    the iterator at step s, after the batches before it. Use as a context manager (or
-    call :meth:`close`) so the threads stop when the loop ends early.
+    the iterator at step s, after the batches before it. ``defer_non_finite``: a batch
+    with NaN / inf is handed out as it is (the step skips its update) and its error kept
+    in :attr:`deferred` instead (a process of several must not leave the step's
+    collectives alone: the loop raises it where every process checks). Use as a context
+    manager (or call :meth:`close`) so the threads stop when the loop ends early.
     """
 
     def __init__(self, source, steps: range, put: Callable, *, depth: int = 4,
-                 workers: int | None = None, process_index: int = 0, process_count: int = 1):
+                 workers: int | None = None, process_index: int = 0, process_count: int = 1,
+                 defer_non_finite: bool = False):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
         self.source, self.steps, self.put, self.depth = source, steps, put, depth
         self.process_index, self.process_count = process_index, process_count
+        self.defer_non_finite = defer_non_finite
+        self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf
         self._pool = None
         if hasattr(source, "host_batch"):
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -76,7 +88,7 @@ class Prefetcher:
         # host buffers of batches already on the device, read into again (sources whose
         # host_batch takes ``out``): at most one per reading thread
         self._buffers: queue.SimpleQueue | None = None
-        if self._pool is not None and "out" in inspect.signature(source.host_batch).parameters:
+        if self._pool is not None and _takes_out(source.host_batch):
             self._buffers = queue.SimpleQueue()
         self._pending: collections.deque = collections.deque()
 
@@ -91,14 +103,16 @@ class Prefetcher:
         rows = (self.source.host_batch(*args) if buffer is None
                 else self.source.host_batch(*args, out=buffer))
         batch, finite = _prepare(self.put(rows))  # waits until the device has the rows
+        error = None
         if not finite:
             check = getattr(self.source, "non_finite_error", None)
-            if check is None:
-                raise ValueError(f"step {step}'s batch holds NaN or inf")
-            raise check(step, rows, self.process_index, self.process_count)
+            error = (ValueError(f"step {step}'s batch holds NaN or inf") if check is None
+                     else check(step, rows, self.process_index, self.process_count))
+            if not self.defer_non_finite:
+                raise error
         if self._buffers is not None:
             self._buffers.put(rows)
-        return batch
+        return batch, error
 
     def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
         if self._pool is None:
@@ -112,7 +126,9 @@ class Prefetcher:
                 break
         while self._pending:
             step, future = self._pending.popleft()
-            batch = future.result()  # raises what reading this step raised
+            batch, error = future.result()  # raises what reading this step raised
+            if error is not None:
+                self.deferred.append(error)
             nxt = next(upcoming, None)
             if nxt is not None:
                 self._pending.append((nxt, self._pool.submit(self._read, nxt)))

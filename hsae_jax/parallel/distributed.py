@@ -15,6 +15,8 @@ host. On CPUs the processes talk through gloo (CPU collectives), which the tests
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 
 import jax
@@ -66,33 +68,66 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def is_primary() -> bool:
-    """Whether this process writes the run folder's files (process 0)."""
-    return jax.process_index() == 0
+    """Whether this process writes the run folder's files (process 0). Does not start
+    JAX's backend."""
+    from jax._src import distributed as jax_distributed
+
+    if _client() is None:  # one process
+        return True
+    return jax_distributed.global_state.process_id == 0
 
 
-START_MESSAGE_BYTES = 2048  # of each process's start-up failure, as gathered
+EXCHANGE_TIMEOUT_S = 600  # how long a process waits for another's word before naming it
+_exchanges = itertools.count()  # this process's exchanges so far: every process counts alike
 
 
-def start_failures(failure: BaseException | None) -> list[tuple[int, str]]:
-    """(process index, "ErrorType: message") of every process that could not start.
+def _client():
+    """jax.distributed's client of the coordination service (None: one process)."""
+    from jax._src import distributed as jax_distributed
 
-    Every process of a run calls this exactly once, after its own start-up (process 0:
-    claiming the run folder and checking its disk; every process: opening its data) and
-    before the run's first collective (orbax's barriers, the step): ``failure`` is what
-    stopped this process, or None. So a process that fails alone does not leave the
-    others waiting at a barrier until they time out: they learn who failed and why. One
-    process: ``[]`` or its own failure, without any communication.
+    return jax_distributed.global_state.client
+
+
+def failures(failure: BaseException | None, timeout_s: float = EXCHANGE_TIMEOUT_S
+             ) -> list[tuple[int, str]]:
+    """(process index, "ErrorType: message") of every *other* process that failed, or did
+    not answer within ``timeout_s``.
+
+    Every process of a run calls this at the same points (the loop: once after start-up,
+    before the run's first barrier, and at each step that logs or saves), with what stopped
+    it (``failure``) or None, so a process that fails alone does not leave the others
+    waiting in a collective or at a barrier: they learn who failed and why. The word goes
+    through the coordination service's key-value store (jax.distributed's client), not
+    through the devices, so it needs no device program and cannot hang on a collective.
+    One process: ``[]`` at once (JAX's backend is not started for it).
     """
-    text = "" if failure is None else f"{type(failure).__name__}: {failure}"
-    if jax.process_count() == 1:
-        return [] if failure is None else [(0, text)]
-    import numpy as np
-    from jax.experimental import multihost_utils
+    client = _client()
+    if client is None:
+        return []
+    from jax._src import distributed as jax_distributed
 
-    row = np.zeros(START_MESSAGE_BYTES, np.uint8)
-    row[0] = failure is not None
-    encoded = text.encode("utf-8", errors="replace")[:START_MESSAGE_BYTES - 1]
-    row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(row))  # [processes, bytes]
-    return [(index, bytes(r[1:]).rstrip(b"\0").decode("utf-8", errors="replace"))
-            for index, r in enumerate(rows) if r[0]]
+    # starting JAX's backend is itself an exchange every process must join (the devices'
+    # global topology): one that failed before starting it joins here
+    jax.devices()
+    me = jax_distributed.global_state.process_id
+    count = jax_distributed.global_state.num_processes
+    exchange = next(_exchanges)
+    key = "hsae/failures/{}/{}".format
+    text = "" if failure is None else f"{type(failure).__name__}: {failure}"
+    client.key_value_set(key(exchange, me), ("1" if failure is not None else "0") + text)
+    failed = []
+    for other in range(count):
+        if other == me:
+            continue
+        try:
+            word = client.blocking_key_value_get(key(exchange, other), int(timeout_s * 1000))
+        except Exception as err:  # noqa: BLE001 - a timeout, or the service gone
+            failed.append((other, f"no word from it within {timeout_s:g} s (it died or is "
+                                  f"stuck; {type(err).__name__}: {str(err)[:200]})"))
+            continue
+        if word.startswith("1"):
+            failed.append((other, word[1:]))
+    if exchange:  # every process has read this process's word of the exchange before
+        with contextlib.suppress(Exception):
+            client.key_value_delete(key(exchange - 1, me))
+    return failed

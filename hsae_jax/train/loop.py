@@ -203,10 +203,10 @@ def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
             if primary:
                 claimed.enter_context(RunFolder.claim(out_dir, resume=resume))
             run = _set_up(tc, out_dir, source, primary)
-        except Exception as err:
-            _start_together(err)
+        except BaseException as err:  # Ctrl-C too: the others must hear of it
+            _go_on_together(err, "could not start")
             raise
-        _start_together(None)
+        _go_on_together(None, "could not start")
         if not primary:  # trains, but writes nothing in the run folder
             return _train(tc, run, out_dir, resume, False, lambda *_: None, primary=False)
         return _train(tc, run, out_dir, resume, progress, log, primary=True)
@@ -242,11 +242,12 @@ class _SetUp(NamedTuple):
     tx: object
     step_fn: object
     abstract: dict  # the state's shapes and this mesh's shardings
+    held_out: list  # the evaluation batches
 
 
 def _set_up(tc: TrainConfig, out_dir: str, source, primary: bool) -> _SetUp:
-    """The run's model, mesh, optimizer and (not compiled) step; on process 0, the check
-    that the disk of ``out_dir`` holds what the run will write."""
+    """The run's model, mesh, optimizer, (not compiled) step and evaluation batches; on
+    process 0, the check that the disk of ``out_dir`` holds what the run will write."""
     cfg = dataclasses.replace(tc.sae, d_model=source.d_model)
     kernels = tc.kernels()
     layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
@@ -260,33 +261,33 @@ def _set_up(tc: TrainConfig, out_dir: str, source, primary: bool) -> _SetUp:
     if primary:  # the run folder is process 0's (other processes may not see it yet)
         check_disk_space(out_dir, abstract, cfg.n_latents, cfg.d_model, tc.steps,
                          tc.save_every, saved=checkpoint_steps(out_dir))
-    return _SetUp(cfg, kernels, layout, source, tx, step_fn, abstract)
+    held_out = eval_batches(source, tc.eval_batches)  # NaN / inf in them is named here
+    return _SetUp(cfg, kernels, layout, source, tx, step_fn, abstract, held_out)
 
 
-def _start_together(failure: Exception | None) -> None:
-    """Every process's start-up outcome, exchanged once (``distributed.start_failures``)
-    before the run's first barrier. Raises ProcessFailedError, naming the process and its
-    error, in the processes that did start when another did not; a process that failed
-    goes on to raise its own error."""
+def _go_on_together(failure: BaseException | None, what: str) -> None:
+    """Every process's outcome, exchanged (``distributed.failures``) where all of them
+    are: after start-up (``what``: "could not start"), at the steps that log or save.
+    Raises ProcessFailedError, naming the process and its error, in the processes that
+    did not fail when another did; a process that failed goes on to raise its own error."""
     try:
-        failed = distributed.start_failures(failure)
+        others = distributed.failures(failure)
     except Exception:
         if failure is not None:  # the exchange failed too: the process's own error counts
             return
         raise
-    others = [(index, text) for index, text in failed if index != jax.process_index()]
     if failure is None and others:
         index, text = others[0]
         more = f" (and {len(others) - 1} other process(es))" if len(others) > 1 else ""
-        raise ProcessFailedError(f"process {index} of {jax.process_count()} could not start"
-                                 f"{more}, so no process trains: {text}")
+        raise ProcessFailedError(f"process {index} of {jax.process_count()} {what}{more}; "
+                                 f"every process stops: {text}")
 
 
 def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: bool, log, *,
            primary: bool) -> dict:
     """:func:`train`'s body, once every process has started (``out_dir`` claimed by
     process 0)."""
-    cfg, kernels, layout, source, tx, step_fn, abstract = run
+    cfg, kernels, layout, source, tx, step_fn, abstract, held_out = run
     ckpt = Checkpointer(out_dir)
     # other processes keep their records in a scratch folder: the run folder's are process 0's
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
@@ -297,7 +298,6 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
     except BaseException:
         ckpt.close()
         raise
-    held_out = eval_batches(source, tc.eval_batches)
     true_features = getattr(source, "features", None)
     log(f"training {cfg.objective} SAE D={cfg.d_model} F={cfg.n_latents} K={cfg.k} on "
         f"{source.describe()}; batch {tc.batch_size} x {tc.steps} steps on "
@@ -309,21 +309,30 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
     share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
+    # with several processes, a batch with NaN / inf goes through the step (its update is
+    # skipped on every device) and its error is raised where all processes check
+    several = jax.process_count() > 1
     batches = Prefetcher(source, range(start, tc.steps),
                          lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
-                         process_index=share, process_count=shares)
+                         process_index=share, process_count=shares, defer_non_finite=several)
     try:
         for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
             state = dict(zip(("params", "stats", "opt_state"), values, strict=True))
             done = step + 1
             final = done == tc.steps
+            saves = done % tc.save_every == 0 or final
+            if several and (done % tc.log_every == 0 or saves):
+                failure = batches.deferred[0] if batches.deferred else None
+                _go_on_together(failure, f"stopped at step {done}")
+                if failure is not None:
+                    raise failure
             if done % tc.eval_every == 0 or final:
                 records.evaluation(done, evaluate_state(state["params"], state["stats"]))
             if done % tc.log_every == 0 or final:
                 records.training(done, metrics)
             records.advance()
-            if done % tc.save_every == 0 or final:
+            if saves:
                 records.flush()
                 ckpt.save(done, state, {"step": done, "train_config": tc.to_flat(),
                                         "skipped_steps": int(state["opt_state"].total_notfinite)})
