@@ -335,10 +335,17 @@ if __name__ == "__main__":
     import json
 
     command = sys.argv[1]
-    if command == "train":  # one process of a several-process run, or the one-process one
+    if command in ("train", "train-interrupted"):  # one process of several, or the only one
         from hsae_jax.train import train
 
-        train(TrainConfig.from_flat(**json.loads(sys.argv[3])), sys.argv[2], progress=False)
+        settings = TrainConfig.from_flat(**json.loads(sys.argv[3]))
+        if command == "train-interrupted" and settings.process_id:  # Ctrl-C opening the data
+
+            def interrupted(self):
+                raise KeyboardInterrupt
+
+            TrainConfig.open_source = interrupted
+        train(settings, sys.argv[2], progress=False)
         sys.exit(0)
     if command == "resume":  # the same, continuing a run (argv[3]: the changed settings)
         from hsae_jax.train import resume

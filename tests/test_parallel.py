@@ -241,8 +241,8 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_a_process_that_cannot_start_stops_the_other_with_its_reason(tmp_path):
-    """Process 0 finds the run folder holding a file, or process 1 finds no data: both
-    processes exit at once with status 1 (no process waits at a barrier until it times
+    """Process 0 finds the run folder holding a file, process 1 finds no data, or process 1
+    is stopped by Ctrl-C: both processes exit at once (no process waits at a barrier until it times
     out), the one that started naming the other and its error; nothing is written."""
     data = tmp_path / "acts.npy"
     np.save(data, np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32))
@@ -265,6 +265,11 @@ def test_a_process_that_cannot_start_stops_the_other_with_its_reason(tmp_path):
     assert re.search(r"ProcessFailedError: process 1 of 2 could not start; every process "
                      r"stops: FileNotFoundError: .*elsewhere.npy", logs[0])
     assert not fresh.exists() or not os.listdir(fresh)
+
+    codes, logs = _start_two_processes("train-interrupted", tmp_path / "stopped", settings)
+    assert codes[0] == 1 and codes[1] != 0, logs  # process 1 stopped by Ctrl-C
+    assert "ProcessFailedError: process 1 of 2 could not start; every process stops: " \
+           "KeyboardInterrupt" in logs[0], logs[0][-2000:]
 
 
 def test_the_processes_exchange_their_failures_and_name_a_silent_one():
