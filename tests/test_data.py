@@ -378,18 +378,42 @@ def test_a_host_buffer_is_read_into_again_only_once_its_rows_are_used(tmp_path,
 
 
 def test_a_deferring_loader_hands_out_a_nan_batch_and_keeps_its_error(tmp_path):
-    """``defer_non_finite`` (a process of several): the batch with a NaN row is handed out
+    """``defer_errors`` (a process of several): the batch with a NaN row is handed out
     as read, its error kept in ``deferred`` naming the row; the batches after it follow."""
     rows = rows_of(3000, 8, np.float16)
     source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
     bad = int(source.sampler.batch_rows(3)[7])
     rows[bad, 1] = np.inf
     source = RowSource(open_rows(save(tmp_path / "b.npy", rows)), 64, eval_fraction=0)
-    with Prefetcher(source, range(6), put=jax.device_put, defer_non_finite=True) as batches:
+    with Prefetcher(source, range(6), put=jax.device_put, defer_errors=True) as batches:
         seen = [(step, bool(np.isfinite(np.asarray(x)).all())) for step, x in batches]
     assert seen == [(s, s != 3) for s in range(6)]
     assert len(batches.deferred) == 1 and isinstance(batches.deferred[0], NonFiniteRowsError)
     assert f"b.npy row {bad}" in str(batches.deferred[0])
+
+
+def test_a_deferring_loader_hands_out_nan_rows_for_a_batch_it_could_not_read(tmp_path):
+    """``defer_errors``: a read that fails (here step 2's, on process 1 of 2) hands out
+    this process's share of NaN rows, of the stored dtype, and keeps the error; without
+    it, the error is raised at its step."""
+    rows = rows_of(2000, 8, np.float16)
+
+    class Failing(RowSource):
+        def host_batch(self, step, *args, **kwargs):
+            if step == 2:
+                raise OSError(f"step {step}: the disk went away")
+            return super().host_batch(step, *args, **kwargs)
+
+    source = Failing(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    with Prefetcher(source, range(4), put=jax.device_put, defer_errors=True,
+                    process_index=1, process_count=2) as batches:
+        got = {step: np.asarray(x) for step, x in batches}
+    assert got[2].shape == (32, 8) and np.isnan(got[2]).all()
+    np.testing.assert_array_equal(got[3], rows[source._share(3, 1, 2)].astype(np.float32))
+    assert [str(e) for e in batches.deferred] == ["step 2: the disk went away"]
+    with pytest.raises(OSError, match="disk went away"):
+        with Prefetcher(source, range(4), put=jax.device_put) as batches:
+            list(batches)
 
 
 def test_the_loader_converts_and_checks_sharded_batches_on_each_device(tmp_path):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.jit
@@ -65,21 +66,22 @@ class Prefetcher:
       ``jax.make_array_from_process_local_data`` with several processes).
     workers: reading threads (default: ``min(depth, 4)``).
     Errors raised while reading step s (e.g. a batch with non-finite rows) are raised by
-    the iterator at step s, after the batches before it. ``defer_non_finite``: a batch
-    with NaN / inf is handed out as it is (the step skips its update) and its error kept
-    in :attr:`deferred` instead (a process of several must not leave the step's
-    collectives alone: the loop raises it where every process checks). Use as a context
-    manager (or call :meth:`close`) so the threads stop when the loop ends early.
+    the iterator at step s, after the batches before it. ``defer_errors``: a batch with
+    NaN / inf is handed out as it is, one that could not be read as NaN rows (the step
+    skips its update either way), and the error is kept in :attr:`deferred` instead (a
+    process of several must not leave the step's collectives alone: the loop raises it
+    where every process checks). Use as a context manager (or call :meth:`close`) so the
+    threads stop when the loop ends early.
     """
 
     def __init__(self, source, steps: range, put: Callable, *, depth: int = 4,
                  workers: int | None = None, process_index: int = 0, process_count: int = 1,
-                 defer_non_finite: bool = False):
+                 defer_errors: bool = False):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
         self.source, self.steps, self.put, self.depth = source, steps, put, depth
         self.process_index, self.process_count = process_index, process_count
-        self.defer_non_finite = defer_non_finite
+        self.defer_errors = defer_errors
         self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf
         self._pool = None
         if hasattr(source, "host_batch"):
@@ -100,19 +102,34 @@ class Prefetcher:
             except queue.Empty:
                 pass
         args = (step, self.process_index, self.process_count)
-        rows = (self.source.host_batch(*args) if buffer is None
-                else self.source.host_batch(*args, out=buffer))
+        try:
+            rows = (self.source.host_batch(*args) if buffer is None
+                    else self.source.host_batch(*args, out=buffer))
+        except Exception as err:
+            stand_in = self._stand_in()
+            if stand_in is None:
+                raise
+            return _prepare(self.put(stand_in))[0], err
         batch, finite = _prepare(self.put(rows))  # waits until the device has the rows
         error = None
         if not finite:
             check = getattr(self.source, "non_finite_error", None)
             error = (ValueError(f"step {step}'s batch holds NaN or inf") if check is None
                      else check(step, rows, self.process_index, self.process_count))
-            if not self.defer_non_finite:
+            if not self.defer_errors:
                 raise error
         if self._buffers is not None:
             self._buffers.put(rows)
         return batch, error
+
+    def _stand_in(self) -> np.ndarray | None:
+        """With ``defer_errors``, the NaN rows handed out for a batch that could not be
+        read (None: raise instead; also for sources that do not say their batch's shape)."""
+        shape = (getattr(self.source, "batch_size", None), getattr(self.source, "d_model", None))
+        if not self.defer_errors or None in shape:
+            return None
+        dtype = getattr(self.source, "host_dtype", np.float32)
+        return np.full((shape[0] // self.process_count, shape[1]), np.nan, dtype)
 
     def __iter__(self) -> Iterator[tuple[int, jax.Array]]:
         if self._pool is None:

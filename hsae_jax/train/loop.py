@@ -309,12 +309,13 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
 
     records = _Records(jsonl, tc, learning_rate_schedule(tc), start, progress)
     share, shares = layout.process_rows(tc.batch_size)  # this process reads its rows only
-    # with several processes, a batch with NaN / inf goes through the step (its update is
-    # skipped on every device) and its error is raised where all processes check
+    # with several processes, a batch with NaN / inf (or NaN rows for one that could not be
+    # read) goes through the step, its update skipped on every device, and its error is
+    # raised where all processes check
     several = jax.process_count() > 1
     batches = Prefetcher(source, range(start, tc.steps),
                          lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
-                         process_index=share, process_count=shares, defer_non_finite=several)
+                         process_index=share, process_count=shares, defer_errors=several)
     try:
         for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
