@@ -82,7 +82,8 @@ class Prefetcher:
         self.source, self.steps, self.put, self.depth = source, steps, put, depth
         self.process_index, self.process_count = process_index, process_count
         self.defer_errors = defer_errors
-        self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf
+        self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf,
+        # or handed out as NaN rows because they could not be read (``defer_errors``)
         self._pool = None
         if hasattr(source, "host_batch"):
             self._pool = concurrent.futures.ThreadPoolExecutor(

@@ -70,22 +70,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_primary() -> bool:
     """Whether this process writes the run folder's files (process 0). Does not start
     JAX's backend."""
-    from jax._src import distributed as jax_distributed
-
-    if _client() is None:  # one process
-        return True
-    return jax_distributed.global_state.process_id == 0
+    state = _global_state()
+    return state.client is None or state.process_id == 0  # one process, or process 0
 
 
 EXCHANGE_TIMEOUT_S = 600  # how long a process waits for another's word before naming it
 _exchanges = itertools.count()  # this process's exchanges so far: every process counts alike
 
 
-def _client():
-    """jax.distributed's client of the coordination service (None: one process)."""
+def _global_state():
+    """jax.distributed's state: ``client`` of the coordination service (None: one
+    process), ``process_id``, ``num_processes``. Read without starting JAX's backend."""
     from jax._src import distributed as jax_distributed
 
-    return jax_distributed.global_state.client
+    return jax_distributed.global_state
 
 
 def failures(failure: BaseException | None, timeout_s: float = EXCHANGE_TIMEOUT_S
@@ -101,16 +99,14 @@ def failures(failure: BaseException | None, timeout_s: float = EXCHANGE_TIMEOUT_
     through the devices, so it needs no device program and cannot hang on a collective.
     One process: ``[]`` at once (JAX's backend is not started for it).
     """
-    client = _client()
+    state = _global_state()
+    client = state.client
     if client is None:
         return []
-    from jax._src import distributed as jax_distributed
-
     # starting JAX's backend is itself an exchange every process must join (the devices'
     # global topology): one that failed before starting it joins here
     jax.devices()
-    me = jax_distributed.global_state.process_id
-    count = jax_distributed.global_state.num_processes
+    me, count = state.process_id, state.num_processes
     exchange = next(_exchanges)
     key = "hsae/failures/{}/{}".format
     text = "" if failure is None else f"{type(failure).__name__}: {failure}"
