@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import KERNEL_BACKEND, requires_gpu, requires_interpreter
 
-from hsae_jax.topk import TopKConfig, top_k, top_k_mask
+from hsae_jax.topk import TopKConfig, top_k, top_k_mask, top_k_relu
 
 # the threshold method with the loosest bound and the smallest buffer (both are raised to
 # next_pow2(k)): rows often overflow the buffer and take the bisection
@@ -205,3 +205,57 @@ def test_top_k_mask_cuts_ties_only_where_the_kth_value_repeats(backend):
         got = top_k_mask(x, 2, backend=backend,
                          config=TopKConfig(block=64) if backend != "xla" else None)
         np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def numpy_top_k_relu(x, k):
+    """Oracle of top_k_relu in float64: relu at each row's top k (numpy_top_k's order)."""
+    _, order = numpy_top_k(x, k)
+    x64 = np.asarray(x, np.float64)
+    out = np.zeros_like(x64)
+    rows = np.arange(x64.shape[0])[:, None]
+    out[rows, order] = np.maximum(x64[rows, order], 0.0)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+@pytest.mark.parametrize("ties", ["none", "many", "cut in the middle of a tie"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_k_relu_keeps_the_top_k_through_a_relu(backend, ties, dtype, rng_seed):
+    """Every element written: relu(x) at the row's top k, exactly 0 elsewhere, also when
+    a run of equal values straddles the k-th place (the lower columns are kept)."""
+    rng = np.random.default_rng(rng_seed)
+    for _ in range(5):
+        b, n = int(rng.integers(1, 5)), int(rng.integers(2, 300))
+        k = int(rng.integers(1, n))
+        x = rng.normal(size=(b, n)).astype(np.float32)
+        if ties == "many":
+            x = np.round(x * 2) / 2
+        elif ties != "none":  # the k-th and its neighbours equal, spread over the row
+            x[:, rng.permutation(n)[: min(n, k + 3)]] = 0.25
+        x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # what the op sees
+        got = top_k_relu(jnp.asarray(x, dtype), k, backend=backend,
+                         config=TopKConfig(block=64) if backend != "xla" else None)
+        assert got.dtype == jnp.dtype(dtype) and got.shape == (b, n)
+        np.testing.assert_array_equal(np.asarray(got, np.float64), numpy_top_k_relu(x, k),
+                                      err_msg=f"n={n} k={k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+def test_top_k_relu_gradient_passes_only_where_the_output_is_positive(backend, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    x = jnp.asarray(rng.normal(size=(3, 77)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(3, 77)), jnp.float32)
+    config = TopKConfig(block=32) if backend != "xla" else None
+    grad = jax.grad(lambda x: jnp.sum(weights * top_k_relu(x, 20, backend=backend,
+                                                           config=config)))(x)
+    kept = numpy_top_k_relu(np.asarray(x), 20) > 0
+    np.testing.assert_array_equal(grad, np.where(kept, weights, 0.0))
+
+
+def test_top_k_relu_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"k=9 must be in \[1, F=8\]"):
+        top_k_relu(jnp.zeros((2, 8)), 9, backend="xla")
+    with pytest.raises(ValueError, match=r"x must have shape \[B, F\]"):
+        top_k_relu(jnp.zeros((2, 3, 8)), 2, backend="xla")
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        top_k_relu(jnp.zeros((2, 8), jnp.int32), 2, backend="xla")

@@ -199,3 +199,66 @@ def top_k_mask(
     # then no [B, F] cumsum
     takes_all = jnp.all(jnp.sum(equal, axis=1, dtype=jnp.int32) <= ties)
     return jax.lax.cond(takes_all, lambda: above | equal, first_ties)
+
+
+def top_k_relu(
+    x: jax.Array,  # [B, F]
+    k: int,
+    *,
+    backend: Backend = "auto",
+    config: TopKConfig | None = None,
+) -> jax.Array:
+    """[B, F] in x.dtype: ``relu(x)`` at the entries :func:`top_k_mask` selects (each row's
+    k largest, ties to the lower column), 0 elsewhere (AuxK's activations).
+
+    On the kernel backends one launch (``topk_relu_kernel``: the radix select, then one
+    pass that writes the row) replaces the mask, its tie count and the selects that apply
+    it; on ``"xla"`` / ``"reference"`` it is ``where(top_k_mask(x, k), relu(x), 0)``.
+    Differentiable in ``x``: the gradient passes where the output is positive (the kept
+    entries above 0), as the definition's does.
+    """
+    check_top_k_inputs(x, k)
+    if len(x.shape) != 2:
+        raise ValueError(f"x must have shape [B, F], got {tuple(x.shape)}")
+    concrete, config = backends.resolve(backend, config, kernel_config=TopKConfig)
+    if concrete in ("xla", "reference") or x.shape[0] == 0:
+        mask = top_k_mask(x, k, backend=concrete, config=config)
+        return jnp.where(mask, jax.nn.relu(x), jnp.zeros((), x.dtype))
+    cfg = config.resolve(x.shape[1], k)
+    return _kernel_top_k_relu(_KernelTopKReLU(concrete, cfg, k), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelTopKReLU:
+    backend: str
+    config: TopKConfig  # resolved
+    k: int
+
+    def __call__(self, x):
+        backends.import_triton_for(self.backend)
+        from hsae_jax.topk import kernels
+
+        b, f = x.shape
+        (out,) = launch(kernels.topk_relu_kernel, jax.lax.stop_gradient(x),
+                        out_shape=[jax.ShapeDtypeStruct((b, f), x.dtype)], grid=(b,),
+                        backend=self.backend, num_warps=self.config.num_warps,
+                        num_stages=self.config.num_stages, F=f, K=self.k,
+                        BLOCK=min(self.config.block, _shapes.next_power_of_2(f)))
+        return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_top_k_relu(impl, x):
+    return impl(x)
+
+
+def _kernel_top_k_relu_fwd(impl, x):
+    out = impl(x)
+    return out, out
+
+
+def _kernel_top_k_relu_bwd(impl, out, g):
+    return (jnp.where(out > 0, g, jnp.zeros((), g.dtype)),)
+
+
+_kernel_top_k_relu.defvjp(_kernel_top_k_relu_fwd, _kernel_top_k_relu_bwd)

@@ -19,6 +19,9 @@ Bitonic method: ``topk_chunk_kernel`` reduces every CHUNK columns of a row to th
 K_POW2 keys; ``topk_merge_kernel`` reduces groups of GROUP candidates the same way (as
 many rounds as needed); ``topk_final_kernel`` takes the last <= GROUP candidates of a
 row to its top K and unpacks values and indices.
+Selections without a sort (any K): ``topk_kth_key_kernel`` finds each row's K-th largest
+key by a radix select; ``topk_relu_kernel`` does the same and writes the row's top K
+through a ReLU, every other entry 0 (AuxK's activations), in one more pass.
 """
 
 import triton
@@ -246,6 +249,32 @@ def topk_sort_kernel(
 
 
 @triton.jit
+def _kth_key(x_ptr, row, F: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """(the ordered key of row ``row``'s K-th largest value, how many entries equal to it
+    are among the row's top K): :func:`topk_kth_key_kernel`'s radix select."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((), dtype=tl.uint32)  # the key's bits found so far
+    found = tl.zeros((), dtype=tl.uint32)  # which bits those are
+    remaining = tl.zeros((), dtype=tl.int32) + K  # rank still to go, among the matches
+    for shift in tl.static_range(24, -1, -8):
+        counts = tl.zeros([256], dtype=tl.int32)
+        for start in tl.range(0, F, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            valid = columns < F
+            x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
+            keys = (_ordered(x.to(tl.float32)) ^ INT32_MIN).to(tl.uint32, bitcast=True)
+            match = valid & ((keys & found) == prefix)
+            counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=match)
+        at_least = tl.sum(counts) - tl.cumsum(counts, axis=0) + counts
+        digit = tl.sum((at_least >= remaining).to(tl.int32)) - 1
+        above = tl.sum(tl.where(bins > digit, counts, 0))
+        remaining -= above
+        prefix |= digit.to(tl.uint32) << shift
+        found |= tl.full((), 255, tl.uint32) << shift
+    return (prefix.to(tl.int32, bitcast=True)) ^ INT32_MIN, remaining
+
+
+@triton.jit
 def topk_kth_key_kernel(
     x_ptr,  # [B, F] float32 / bfloat16 / float16
     kth_ptr,  # [B] int32: the ordered key (_ordered) of each row's K-th largest value
@@ -261,27 +290,38 @@ def topk_kth_key_kernel(
     from the top reaches K. No sort and no candidate buffer: any K <= F.
     """
     row = tl.program_id(axis=0).to(tl.int64)
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros((), dtype=tl.uint32)  # the key's bits found so far
-    found = tl.zeros((), dtype=tl.uint32)  # which bits those are
-    remaining = tl.zeros((), dtype=tl.int32) + K  # rank still to go, among the matches
-    for shift in tl.static_range(24, -1, -8):
-        counts = tl.zeros([256], dtype=tl.int32)
-        for start in tl.range(0, F, BLOCK):
-            columns = start + tl.arange(0, BLOCK)
-            valid = columns < F
-            x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
-            # unsigned keys in float order: the sign bit flipped back
-            keys = (_ordered(x.to(tl.float32)) ^ INT32_MIN).to(tl.uint32, bitcast=True)
-            match = valid & ((keys & found) == prefix)
-            counts += tl.histogram(((keys >> shift) & 255).to(tl.int32), 256, mask=match)
-        # at_least[d]: matching keys whose digit is >= d
-        at_least = tl.sum(counts) - tl.cumsum(counts, axis=0) + counts
-        digit = tl.sum((at_least >= remaining).to(tl.int32)) - 1
-        above = tl.sum(tl.where(bins > digit, counts, 0))
-        remaining -= above
-        prefix |= digit.to(tl.uint32) << shift
-        found |= tl.full((), 255, tl.uint32) << shift
-    kth = (prefix.to(tl.int32, bitcast=True)) ^ INT32_MIN
+    kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
     tl.store(kth_ptr + row, kth)
-    tl.store(ties_ptr + row, remaining)
+    tl.store(ties_ptr + row, ties)
+
+
+@triton.jit
+def topk_relu_kernel(
+    x_ptr,  # [B, F] float32 / bfloat16 / float16
+    out_ptr,  # [B, F] x's dtype: relu(x) at each row's top K entries, 0 elsewhere
+    F: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each row's K largest entries (ties to the lower column, float total order) kept
+    through a ReLU, every other entry 0: the radix select of ``_kth_key`` (four passes
+    over the row, which stays in L2), then one pass that writes the row, counting the
+    entries equal to the K-th value in column order so that only the first ``ties`` of
+    them are kept."""
+    row = tl.program_id(axis=0).to(tl.int64)
+    kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
+    taken = tl.zeros((), dtype=tl.int32)  # entries equal to kth kept so far
+    for start in tl.range(0, F, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        valid = columns < F
+        x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
+        value = x.to(tl.float32)  # (the interpreter compares bfloat16 by its bits)
+        keys = _ordered(value)
+        equal = valid & (keys == kth)
+        rank = taken + tl.cumsum(equal.to(tl.int32), axis=0)  # 1-based among the ties
+        chosen = valid & ((keys > kth) | (equal & (rank <= ties)))
+        taken += tl.sum(equal.to(tl.int32))
+        # NaN stays NaN, as through jax.nn.relu
+        relu = tl.where(value > 0, value, tl.where(value == value, 0.0, value))
+        tl.store(out_ptr + row * F + columns, tl.where(chosen, relu, 0.0).to(x.dtype),
+                 mask=valid)
