@@ -13,16 +13,18 @@ Usage: python benchmarks/auxk_pieces.py [--batch 4096 --n-latents 65536 --d-mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from hsae_jax import KernelSettings, SAEConfig
-from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets, main_residual, top_k_mask
+from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets, main_residual
 from hsae_jax.bench import common
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.model import encode_arrays, init_arrays, scale_inputs
+from hsae_jax.topk import top_k_mask, top_k_relu
 
 
 def main() -> None:
@@ -66,9 +68,12 @@ def main() -> None:
         dead = dead_mask(fraction)
         n_dead = int(dead.sum())
         bucket = next(n for n in column_buckets(f) if n >= n_dead)
-        grad = jax.jit(jax.value_and_grad(
-            lambda p, dead=dead: auxk_loss(cfg, p, xs, vals, indices, dead, kernels)))
-        timed("auxk fwd+bwd", grad, params, dead=fraction, columns=bucket)
+        for auxk_dtype in ("float32", "bfloat16"):
+            on = dataclasses.replace(cfg, auxk_dtype=auxk_dtype)
+            grad = jax.jit(jax.value_and_grad(
+                lambda p, dead=dead, on=on: auxk_loss(on, p, xs, vals, indices, dead, kernels)))
+            timed(f"auxk fwd+bwd, {auxk_dtype} products", grad, params, dead=fraction,
+                  columns=bucket)
         if fraction == 0.1:
             ref = jax.jit(jax.value_and_grad(
                 lambda p, dead=dead: auxk_loss_reference(cfg, p, xs, vals, indices, dead,
@@ -77,8 +82,15 @@ def main() -> None:
             pre = jax.random.normal(key, (b, bucket), jnp.float32)
             timed("top-k mask", jax.jit(lambda p: top_k_mask(p, cfg.resolved_aux_k)), pre,
                   columns=bucket)
+            timed("top-k relu (one kernel)", jax.jit(lambda p: top_k_relu(
+                p, cfg.resolved_aux_k)), pre, columns=bucket)
+            timed("top-k mask + relu (before)", jax.jit(lambda p: jnp.where(
+                top_k_mask(p, cfg.resolved_aux_k), jax.nn.relu(p), 0.0)), pre, columns=bucket)
             w = params["W_enc"][:bucket]
             timed("dead-column matmul", jax.jit(lambda a, w: a @ w.T), xs, w, columns=bucket)
+            timed("dead-column matmul bf16", jax.jit(lambda a, w: jnp.dot(
+                a.astype(jnp.bfloat16), w.T.astype(jnp.bfloat16),
+                preferred_element_type=jnp.float32)), xs, w, columns=bucket)
             timed("main residual", jax.jit(main_residual), params, xs, vals, indices)
     payload = {"device": common.device_info(), "workload": dict(batch=b, n_latents=f,
                                                                d_model=d, k=args.k),

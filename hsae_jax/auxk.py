@@ -8,15 +8,16 @@ reconstruction is reconstructed from the top ``aux_k`` dead latents of each toke
 
 Only the dead latents' columns are computed: their rows of W_enc, b_enc and W_dec are
 gathered, their pre-activations are one [B, D] x [D, n] matmul, each token's top aux_k of
-them a mask (:func:`hsae_jax.topk.top_k_mask`: a radix select, no sort, ties to the lower
-latent as ``top_k`` breaks them), and the reconstruction a dense [B, n] x [n, D] product
-of the masked activations. n is a static bucket that holds every dead latent (F/64, F/32,
-..., F; ``lax.switch`` takes the smallest that fits), so a step costs a few matmuls over at
-most twice the dead latents' columns, instead of a second [B, F] encoder pass, a top-k
-with k = aux_k over F and a decoder walk over aux_k rows per token. With
-``auxk_max_fraction`` < 1 the largest bucket is smaller (its memory is compiled in whether
-or not latents are dead), and beyond it the lowest-numbered dead latents take part, the
-others once those have revived.
+them kept through the ReLU (:func:`hsae_jax.topk.top_k_relu`: a radix select, no sort,
+ties to the lower latent as ``top_k`` breaks them; one kernel writes the activations), and
+the reconstruction a dense [B, n] x [n, D] product of those activations (the operands in
+``SAEConfig.auxk_dtype``: :func:`auxk_dot`). n is a static bucket that holds every dead
+latent (F/64, F/32, ..., F; ``lax.switch`` takes the smallest that fits), so a step costs a
+few matmuls over at most twice the dead latents' columns, instead of a second [B, F]
+encoder pass, a top-k with k = aux_k over F and a decoder walk over aux_k rows per token.
+With ``auxk_max_fraction`` < 1 the largest bucket is smaller (its memory is compiled in
+whether or not latents are dead), and beyond it the lowest-numbered dead latents take part,
+the others once those have revived.
 
 Two entry points:
 - :func:`auxk_loss`: the value, differentiable (for a model's ``loss``);
@@ -40,7 +41,7 @@ from hsae_jax.encoder import topk_encode
 from hsae_jax.kernel_settings import KernelSettings
 from hsae_jax.loss import topk_sae_loss
 from hsae_jax.sparse_rows import weighted_row_sum
-from hsae_jax.topk import top_k_mask
+from hsae_jax.topk import top_k_relu
 
 BUCKET_DIVISORS = (64, 32, 16, 8, 4, 2, 1)  # column buckets F / q for the dead latents
 ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # the parameters with one row per latent
@@ -56,6 +57,37 @@ def column_buckets(n_latents: int, max_fraction: float = 1.0,
 
 def _cast(compute_dtype: str, x):
     return x.astype(jnp.bfloat16) if compute_dtype == "bfloat16" else x
+
+
+def auxk_dot(auxk_dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` [M, N] float32 for AuxK (``SAEConfig.auxk_dtype``): ``"float32"``, the
+    operands as they are; ``"bfloat16"``, both operands rounded to bfloat16 and, in the
+    backward pass, the cotangent too, so that all three products are bfloat16 x bfloat16
+    with float32 accumulation (half the time of TF32 on a Hopper GPU)."""
+    if auxk_dtype == "bfloat16":
+        return _bf16_dot(a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _bf16_dot(a, b):  # float32 a, b
+    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+
+
+def _bf16_dot_fwd(a, b):
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    return jnp.dot(a16, b16, preferred_element_type=jnp.float32), (a16, b16)
+
+
+def _bf16_dot_bwd(saved, g):
+    a16, b16 = saved
+    g16 = g.astype(jnp.bfloat16)
+    return (jnp.dot(g16, b16.T, preferred_element_type=jnp.float32),
+            jnp.dot(a16.T, g16, preferred_element_type=jnp.float32))
+
+
+_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
 
 
 def main_residual(params, xs, vals, indices, b_dec=None) -> jax.Array:
@@ -91,10 +123,12 @@ def _dead_rows(params, dead, columns: int):
     return latents, {**rows, "b_dec": params["b_dec"]}
 
 
-def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead) -> jax.Array:
+def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead,
+                        auxk_dtype: str = "float32") -> jax.Array:
     """[B, n] float32 pre-activations of the columns ``w_enc`` [n, D] / ``b_enc`` [n] (the
-    encoder's arithmetic, :func:`hsae_jax.encoder.topk_encode`, on them only), -inf where
-    ``is_dead`` [n] is False (padding). xs [B, D] float32; b_dec [D], differentiable.
+    encoder's arithmetic, :func:`hsae_jax.encoder.topk_encode`, on them only; the product
+    through :func:`auxk_dot`), -inf where ``is_dead`` [n] is False (padding). xs [B, D]
+    float32; b_dec [D], differentiable.
 
     b_dec's gradient through ``xs - b_dec`` is -(sum_b d_pre[b]) @ w_enc: it is taken as one
     mat-vec through a term that is exactly zero, instead of a [B, n] x [n, D] product summed
@@ -103,35 +137,40 @@ def dead_preactivations(compute_dtype: str, xs, w_enc, b_enc, b_dec, is_dead) ->
     x = _cast(compute_dtype, xs)
     xc = x - jax.lax.stop_gradient(b_dec).astype(x.dtype)
     zero = jnp.dot(w_enc.astype(jnp.float32), b_dec - jax.lax.stop_gradient(b_dec))
-    pre = jnp.dot(xc, _cast(compute_dtype, w_enc).T.astype(x.dtype),
-                  preferred_element_type=jnp.float32) + b_enc.astype(jnp.float32)
+    pre = auxk_dot(auxk_dtype, xc, _cast(compute_dtype, w_enc).T.astype(x.dtype)
+                   ) + b_enc.astype(jnp.float32)
     return jnp.where(is_dead[None, :], pre - zero, -jnp.inf)
 
 
-def given_preactivations(compute_dtype: str, scores, xs, w_enc, b_enc, b_dec) -> jax.Array:
+def given_preactivations(compute_dtype: str, scores, xs, w_enc, b_enc, b_dec,
+                         auxk_dtype: str = "float32") -> jax.Array:
     """:func:`dead_preactivations` whose values are given: ``scores`` [B, n] float32, these
     columns of the main encoder's pre-activations (the same arithmetic, computed once), -inf
     already in the columns that are not dead latents. Differentiated as computed here:
-    w_enc's gradient d^T @ xc, b_enc's the sum of d over B, b_dec's -(that sum) @ w_enc,
-    with xc = xs - b_dec."""
+    w_enc's gradient d^T @ xc (operands in ``auxk_dtype``), b_enc's the sum of d over B,
+    b_dec's -(that sum) @ w_enc, with xc = xs - b_dec."""
     xc = _cast(compute_dtype, xs)
     xc = xc - jax.lax.stop_gradient(b_dec).astype(xc.dtype)
-    return _valued_preactivations(scores, xc, w_enc, b_enc, b_dec)
+    return _valued_preactivations(auxk_dtype, scores, xc, w_enc, b_enc, b_dec)
 
 
-@jax.custom_vjp
-def _valued_preactivations(scores, xc, w_enc, b_enc, b_dec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _valued_preactivations(auxk_dtype, scores, xc, w_enc, b_enc, b_dec):
     return scores
 
 
-def _valued_fwd(scores, xc, w_enc, b_enc, b_dec):
+def _valued_fwd(auxk_dtype, scores, xc, w_enc, b_enc, b_dec):
     return scores, (xc, w_enc, b_enc, b_dec)
 
 
-def _valued_bwd(saved, d):
+def _valued_bwd(auxk_dtype, saved, d):
     xc, w_enc, b_enc, b_dec = saved
     d_bias = jnp.sum(d, axis=0)
-    d_w_enc = jnp.dot(d.T, xc.astype(jnp.float32), preferred_element_type=jnp.float32)
+    if auxk_dtype == "bfloat16":
+        d_w_enc = jnp.dot(d.T.astype(jnp.bfloat16), xc.astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32)
+    else:
+        d_w_enc = jnp.dot(d.T, xc.astype(jnp.float32), preferred_element_type=jnp.float32)
     d_b_dec = -jnp.dot(d_bias, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (jnp.zeros_like(d), jnp.zeros_like(xc), d_w_enc.astype(w_enc.dtype),
             d_bias.astype(b_enc.dtype), d_b_dec.astype(b_dec.dtype))
@@ -145,13 +184,13 @@ def _loss_on_rows(cfg, kernels: KernelSettings, rows, xs, residual, is_dead, num
     b_dec; ``is_dead`` [n] marks the real ones (the rest is padding)."""
     aux_k = cfg.resolved_aux_k
     pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"],
-                              rows["b_dec"], is_dead)
-    acts = jax.nn.relu(pre)
+                              rows["b_dec"], is_dead, cfg.auxk_dtype)
     if pre.shape[1] > aux_k:  # else every dead latent is among a token's top aux_k
-        acts = jnp.where(top_k_mask(pre, aux_k, backend=kernels.backend, config=kernels.topk),
-                         acts, 0.0)
+        acts = top_k_relu(pre, aux_k, backend=kernels.backend, config=kernels.topk)
+    else:
+        acts = jax.nn.relu(pre)
     w_dec = _cast(cfg.compute_dtype, rows["W_dec"]).astype(jnp.float32)
-    recon = jnp.dot(acts, w_dec, preferred_element_type=jnp.float32)  # [B, D]
+    recon = auxk_dot(cfg.auxk_dtype, acts, w_dec)  # [B, D]
     err = jnp.mean((residual - recon) ** 2)
     return _normalized(err, residual, num_dead, aux_k)
 

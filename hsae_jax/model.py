@@ -62,6 +62,10 @@ class SAEConfig:
       :mod:`hsae_jax.auxk`); 1: every dead latent.
     compute_dtype: ``"float32"`` or ``"bfloat16"`` for the encoder and decoder inputs
       (master weights stay float32; accumulation is float32).
+    auxk_dtype: ``"float32"`` (the operands as they are: TF32 on GPUs at the default
+      matmul precision) or ``"bfloat16"`` for the operands of AuxK's matmuls (its
+      reconstruction from the dead latents and the products of its gradients; float32
+      accumulation). The dead latents and their top aux_k are chosen the same either way.
     Which backend runs the ops is not part of the model: see :class:`KernelSettings`.
     """
 
@@ -79,6 +83,8 @@ class SAEConfig:
         "1/4, 1/16 or 1/64; below 1 it caps AuxK's memory, and when more are dead the "
         "lowest-numbered dead latents take part")
     compute_dtype: str = setting("float32", "float32 or bfloat16 encoder/decoder inputs")
+    auxk_dtype: str = setting("float32", "float32 or bfloat16 operands of AuxK's matmuls "
+                              "(float32 accumulation)")
 
     def __post_init__(self):
         for name, high in (("d_model", INT32_MAX), ("n_latents", INT32_MAX), ("k", INT32_MAX),
@@ -93,9 +99,10 @@ class SAEConfig:
                 f"SAEConfig.k={self.k} must be <= SAEConfig.n_latents={self.n_latents}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SAEConfig.objective={self.objective!r} must be one of {OBJECTIVES}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"SAEConfig.compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}")
+        for name in ("compute_dtype", "auxk_dtype"):
+            if getattr(self, name) not in COMPUTE_DTYPES:
+                raise ValueError(f"SAEConfig.{name}={getattr(self, name)!r} must be one of "
+                                 f"{COMPUTE_DTYPES}")
         if self.budgets is not None:
             if (not self.budgets or any(not isinstance(b, int) or not 1 <= b <= self.k
                                         for b in self.budgets)):

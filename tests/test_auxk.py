@@ -11,6 +11,7 @@ from conftest import relative_error, requires_gpu, requires_interpreter
 
 from hsae_jax import KernelSettings, SAEConfig
 from hsae_jax.auxk import (
+    auxk_dot,
     auxk_loss,
     auxk_loss_and_add_grads,
     auxk_loss_reference,
@@ -25,8 +26,10 @@ BACKENDS = [
 ]
 
 
-def setup(seed, f=64, d=16, k=4, aux_k=None, b=24, compute_dtype="float32"):
-    cfg = SAEConfig(d_model=d, n_latents=f, k=k, aux_k=aux_k, compute_dtype=compute_dtype)
+def setup(seed, f=64, d=16, k=4, aux_k=None, b=24, compute_dtype="float32",
+          auxk_dtype="float32"):
+    cfg = SAEConfig(d_model=d, n_latents=f, k=k, aux_k=aux_k, compute_dtype=compute_dtype,
+                    auxk_dtype=auxk_dtype)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(b, d)) * 2 + 0.5, jnp.float32)
     params, stats = init_arrays(cfg, jax.random.key(seed), x)
@@ -112,6 +115,44 @@ def test_bf16_compute_matches_the_definition(rng_seed):
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for name in grads:  # both round the bf16 weight gradients, in different orders
         assert relative_error(grads[name], ref_grads[name]) < 1e-2, name
+
+
+def test_bf16_auxk_products_round_every_operand_and_the_cotangent(rng_seed):
+    """auxk_dot("bfloat16"): the product and both gradients are the float64 products of
+    bfloat16-rounded operands (and cotangent), to float32 accumulation."""
+    rng = np.random.default_rng(rng_seed)
+    a, b, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((33, 70), (70, 19),
+                                                                        (33, 19)))
+    out, vjp = jax.vjp(lambda a, b: auxk_dot("bfloat16", a, b), a, b)
+    da, db = vjp(g)
+
+    def r(v):
+        return np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)
+
+    for got, want in ((out, r(a) @ r(b)), (da, r(g) @ r(b).T), (db, r(a).T @ r(g))):
+        assert got.dtype == jnp.float32
+        assert relative_error(got, want) < 1e-6
+    # float32: the operands as they are
+    exact, vjp32 = jax.vjp(lambda a, b: auxk_dot("float32", a, b), a, b)
+    with jax.default_matmul_precision("highest"):
+        assert relative_error(exact, np.asarray(a, np.float64) @ np.asarray(b, np.float64)) < 1e-6
+    assert relative_error(out, exact) > 1e-4  # bfloat16 rounding is really there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_auxk_products_stay_near_the_float32_definition(backend, rng_seed):
+    """auxk_dtype="bfloat16" picks the same latents; its loss and gradients are the float32
+    definition's to bfloat16 rounding, and only dead latents' rows move."""
+    which = [3, 9, 10, 30, 41, 63]
+    cfg, params, stats, x = setup(rng_seed, aux_k=4, auxk_dtype="bfloat16")
+    (value, grads), (ref_value, ref_grads) = both(cfg, params, stats, x,
+                                                  dead_mask(64, which), backend)
+    assert relative_error(value, ref_value) < 1e-2
+    for name in grads:
+        assert relative_error(grads[name], ref_grads[name]) < 2e-2, name
+    live = np.setdiff1d(np.arange(64), which)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert np.all(np.asarray(grads[name])[live] == 0), name
 
 
 def test_buckets_hold_any_number_of_dead_latents():

@@ -4,8 +4,9 @@ Steps timed at (B, F, D) for each K, side by side in one process:
 - ``hsae``: hsae-jax's own trainer step (Triton top-k, sparse encoder backward, fused
   decoder loss, clip + Adam, decoder renorm, dead-latent counters), float32 inputs
   (TF32 matmuls), no latent dead; ``hsae-auxk``: the same with 10% of the latents dead in
-  every step, so AuxK runs (what a real run pays once latents die); ``hsae-bf16`` (bf16
-  encoder/decoder inputs, float32 masters);
+  every step, so AuxK runs (what a real run pays once latents die), ``hsae-auxk-bf16``
+  the same with AuxK's matmuls on bfloat16 operands (``--auxk-dtype bfloat16``);
+  ``hsae-bf16`` (bf16 encoder/decoder inputs, float32 masters);
 - ``naive-jax``: the textbook JAX step: dense autodiff through the encoder matmul,
   ``jax.lax.top_k``, the seed's two kernels (through jax-triton) for the loss, Adam;
 - ``torch``: PyTorch with ``torch.topk``, the seed's own kernel and fused Adam (with
@@ -51,8 +52,14 @@ from hsae_jax.train.step import (
     make_train_step,
 )
 
-STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-bf16", "naive-jax", "torch")
+STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-auxk-bf16", "hsae-bf16", "naive-jax",
+              "torch")
 DEAD_FRACTION = 0.1  # hsae-auxk: this share of the latents is dead in every timed step
+# the hsae rows: (compute dtype, dead fraction, more trainer settings)
+HSAE_STEPS = {"hsae": ("float32", 0.0, {}),
+              "hsae-auxk": ("float32", DEAD_FRACTION, {}),
+              "hsae-auxk-bf16": ("float32", DEAD_FRACTION, {"auxk_dtype": "bfloat16"}),
+              "hsae-bf16": ("bfloat16", 0.0, {})}
 
 
 @dataclasses.dataclass
@@ -132,9 +139,9 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
     return TrainerStep(run, step, state, tc, put)
 
 
-def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0):
+def _hsae_step(b, f, d, k, dtype: str, dead_fraction: float = 0.0, **settings):
     """(run, memory) of :func:`trainer_step`; ``memory(x)``: :func:`common.step_memory`."""
-    run, step, state, *_ = trainer_step(b, f, d, k, dtype, dead_fraction)
+    run, step, state, *_ = trainer_step(b, f, d, k, dtype, dead_fraction, **settings)
     return run, functools.partial(common.step_memory, step, state)
 
 
@@ -244,10 +251,11 @@ def run_steps(settings: StepBenchSettings, log=print) -> list[dict]:
                     del run, memory
                     torch.cuda.empty_cache()
                 else:
-                    run, memory = (
-                        _naive_step(b, f, d, k) if name == "naive-jax" else
-                        _hsae_step(b, f, d, k, "bfloat16" if name.endswith("bf16")
-                                   else "float32", DEAD_FRACTION if name == "hsae-auxk" else 0.0))
+                    if name == "naive-jax":
+                        run, memory = _naive_step(b, f, d, k)
+                    else:
+                        dtype, dead, more = HSAE_STEPS[name]
+                        run, memory = _hsae_step(b, f, d, k, dtype, dead, **more)
                     stats = common.time_calls(lambda r=run: r(x), warmup=settings.warmup,
                                               iters=settings.iters)
                     row.update(memory(x))

@@ -7,8 +7,9 @@ latents any device has: ``lax.switch`` takes the same branch on every device): r
 main encoder's [B, F/m] pre-activations when the step kept them, else computed with its
 ``W_enc`` rows, differentiated the same way either way. Each token's global top aux_k is a
 mask over the device's columns (:func:`~hsae_jax.parallel.collectives.merge_top_k_mask`:
-radix selects, no sorted top-k; on one device :func:`hsae_jax.topk.top_k_mask` as in
-:mod:`hsae_jax.auxk`), and the device keeps its winners as a dense [B, n] activation matrix.
+radix selects, no sorted top-k; on one device :func:`hsae_jax.topk.top_k_relu`, one kernel,
+as in :mod:`hsae_jax.auxk`), and the device keeps its winners as a dense [B, n] activation
+matrix (the products' operands in ``SAEConfig.auxk_dtype``).
 The largest bucket (every column) uses the blocks themselves instead of gathered copies of
 their rows. The reconstruction needs the winners' decoder rows over all of D, which lie
 across the devices (W_dec is split over D): an all-to-all brings each device the rows of its
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from hsae_jax.auxk import (
     BUCKET_DIVISORS,
     ROW_PARAMS,
+    auxk_dot,
     column_buckets,
     dead_preactivations,
     distinct_padding,
@@ -50,6 +52,7 @@ from hsae_jax.auxk import (
 )
 from hsae_jax.parallel.collectives import merge_top_k_mask, sum_over
 from hsae_jax.parallel.mesh import MODEL, Axes
+from hsae_jax.topk import top_k_relu
 
 # With latents on ``model`` the buckets are coarser than the one-device ones: with buckets
 # of F/m/2 and F/m/8 as well, XLA's CPU runtime (jaxlib 0.10) crashed (SIGSEGV) running
@@ -89,13 +92,18 @@ def _variance(axes: Axes, residual, batch: int, d_model: int):
     return axes.psum_all(jnp.sum((residual - mean) ** 2)) / (batch * d_model)
 
 
-def _winners(cfg, axes: Axes, kernels, pre):
-    """[B, n] bool: the columns of ``pre`` among each token's global top aux_k (None: all)."""
+def _activations(cfg, axes: Axes, kernels, pre):
+    """[B, n] float32: relu(pre) at the columns among each token's global top aux_k, 0
+    elsewhere (one device: :func:`hsae_jax.topk.top_k_relu`, one kernel; several on
+    ``model``: :func:`merge_top_k_mask`)."""
     aux_k = cfg.resolved_aux_k
     if axes.model * pre.shape[1] <= aux_k:  # every dead latent is among a token's top aux_k
-        return None
-    return merge_top_k_mask(pre, aux_k, axes.model, backend=kernels.backend,
-                            config=kernels.topk)
+        return jax.nn.relu(pre)
+    if axes.model == 1:
+        return top_k_relu(pre, aux_k, backend=kernels.backend, config=kernels.topk)
+    winners = merge_top_k_mask(pre, aux_k, axes.model, backend=kernels.backend,
+                               config=kernels.topk)
+    return jnp.where(winners, jax.nn.relu(pre), 0.0)
 
 
 def _over_d(axes: Axes, rows):
@@ -142,14 +150,13 @@ def _loss_on_rows(cfg, axes: Axes, kernels, rows, b_dec, xs, residual, is_dead, 
     aux_k, d_model = cfg.resolved_aux_k, xs.shape[1]
     if scores is None:  # [B, n]; padding never contributes
         pre = dead_preactivations(cfg.compute_dtype, xs, rows["W_enc"], rows["b_enc"], b_dec,
-                                  is_dead)
+                                  is_dead, cfg.auxk_dtype)
     else:
         pre = given_preactivations(cfg.compute_dtype, scores, xs, rows["W_enc"],
-                                   rows["b_enc"], b_dec)
-    winners = _winners(cfg, axes, kernels, pre)
-    acts = jax.nn.relu(pre) if winners is None else jnp.where(winners, jax.nn.relu(pre), 0.0)
+                                   rows["b_enc"], b_dec, cfg.auxk_dtype)
+    acts = _activations(cfg, axes, kernels, pre)
     w_dec = _cast(cfg.compute_dtype, _over_d(axes, rows["W_dec"])).astype(jnp.float32)
-    recon = jnp.dot(acts, w_dec, preferred_element_type=jnp.float32)  # [B, D]: my latents'
+    recon = auxk_dot(cfg.auxk_dtype, acts, w_dec)  # [B, D]: my latents'
     if axes.model > 1:  # sum the devices' parts, each device keeping its D slice
         recon = jax.lax.psum_scatter(recon, MODEL, scatter_dimension=1, tiled=True)
     batch = xs.shape[0] * axes.data
