@@ -7,14 +7,20 @@ then, each with the trainer's own pieces (``TrainConfig``, ``init_state``,
 
 - ``step``: the step alone on one fixed device batch, float32 and float16 input (does a
   float16 input cost the step anything?);
+- ``put``: the copy of one host batch to the device alone (no read), from the host buffer
+  as it is and staged through pinned host memory (``put staged``, GPUs only);
 - ``loader``: the prefetching loader alone (read, copy to the device, float32 + NaN check),
-  for several reading-thread counts;
+  for several reading-thread counts, the copy direct and staged;
 - ``loop``: step and loader together, as the trainer runs them (the rate to match: the
   ``synthetic`` loop, whose batches are made on the device);
 - the loader's pieces, on the same threads, each thread reading into its own buffer as the
   loader does: ``read`` (``host_batch`` alone), ``read + put`` (and the copy to the device,
-  waited for), ``read + put via pinned`` (the copy staged through a ``pinned_host`` array,
-  where the platform has that memory kind): which of them caps the loader.
+  waited for), ``read + put staged`` (the copy staged through pinned host memory, as
+  ``Layout.put_batch`` does on GPUs), ``read + put registered`` (the thread's buffer pinned
+  in place with cudaHostRegister): which of them caps the loader;
+- ``loop`` / ``loop staged`` / ``... lag 2``: step and loader together, the copy direct
+  and staged, the NaN / inf check waited for on the reading threads or read two steps later
+  (``Prefetcher(check_lag=2)``, what the trainer does).
 
 Each row: ms per batch (median of ``--repeats`` timings of ``--steps`` batches) and
 tokens/s. Prints a markdown table, writes JSON (``--out``).
@@ -108,21 +114,67 @@ def timed(run, repeats: int, steps: int, batch: int) -> dict:
     return {"ms_per_batch": ms, "tokens_per_s": batch / ms * 1e3}
 
 
-def pieces(layout, put) -> dict:
+def _cuda_host_register():
+    """cudaHostRegister from the CUDA runtime already in the process (or one of the nvidia
+    packages'), or None: pins an existing host buffer in place."""
+    import ctypes
+    import glob
+    import sys
+
+    names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    names += sorted({f for p in sys.path for f in glob.glob(
+        os.path.join(p, "nvidia", "**", "libcudart.so*"), recursive=True)})
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        register = lib.cudaHostRegister
+        register.restype = ctypes.c_int
+        register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        return lambda x: register(x.ctypes.data, x.nbytes, 1)  # cudaHostRegisterPortable
+    return None
+
+
+def pieces(layout, batch: int) -> dict:
     """What each piece's thread does with the rows it read: nothing, the copy to the device
-    (waited for), and, where the platform has pinned host memory, that copy staged through
-    a ``pinned_host`` array."""
-    done = {"read": None, "read + put": lambda x: put(x).block_until_ready()}
-    device = layout.batch_sharding
-    try:
-        pinned = device.with_memory_kind("pinned_host")
-        jax.device_put(np.zeros((1, 1), np.float32), pinned.with_spec(
-            jax.sharding.PartitionSpec())).block_until_ready()
-    except Exception:  # noqa: BLE001 - no pinned host memory here (a CPU): no such row
+    (waited for) from the host buffer as it is, through pinned host memory
+    (``put_batch(staged=True)``, where the platform has it), and from a host buffer pinned
+    in place with cudaHostRegister (where the CUDA runtime is found)."""
+    done = {"read": None,
+            "read + put": lambda x: layout.put_batch(x, batch, staged=False).block_until_ready()}
+    if layout.batch_sharding.mesh.devices.flat[0].platform == "cpu":
         return done
-    done["read + put via pinned"] = lambda x: jax.device_put(
-        jax.device_put(x, pinned), device).block_until_ready()
+    done["read + put staged"] = lambda x: layout.put_batch(
+        x, batch, staged=True).block_until_ready()
+    register = _cuda_host_register()
+    if register is not None:
+        registered = set()
+
+        def put_registered(x):
+            if x.ctypes.data not in registered:  # each thread's buffer, once
+                code = register(x)
+                if code != 0:
+                    raise RuntimeError(f"cudaHostRegister failed: {code}")
+                registered.add(x.ctypes.data)
+            layout.put_batch(x, batch, staged=False).block_until_ready()
+
+        done["read + put registered"] = put_registered
     return done
+
+
+def put_on_threads(layout, rows: np.ndarray, n: int, workers: int, staged: bool,
+                   first: int) -> None:
+    """``n`` copies of ``rows`` (one host buffer per thread) to the device, waited for."""
+    local = threading.local()
+
+    def one(_):
+        if getattr(local, "buffer", None) is None:
+            local.buffer = rows.copy()
+        layout.put_batch(local.buffer, rows.shape[0], staged=staged).block_until_ready()
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(first, first + n)))
 
 
 def read_on_threads(source, n: int, workers: int, move, first: int) -> None:
@@ -164,7 +216,6 @@ def main(argv=None) -> int:
     n = args.steps
     synthetic = settings(args).open_source()
     trainer = Trainer(settings(args), np.asarray(synthetic.batch(0)))
-    put = lambda x: trainer.layout.put_batch(x, args.batch)  # noqa: E731
 
     for dtype in ("float32", "float16"):  # the step alone on one device batch
         x = jax.device_put(np.asarray(synthetic.batch(1)).astype(dtype))
@@ -180,37 +231,65 @@ def main(argv=None) -> int:
     for dtype, path in paths.items():  # the loader alone
         source = settings(args, path).open_source()
         for workers in args.workers:
-            def load_only(first, source=source, workers=workers):
-                with Prefetcher(source, range(first, first + n), put, depth=max(4, workers),
-                                workers=workers) as batches:
-                    for _, x in batches:
-                        last = x
-                jax.block_until_ready(last)
+            for staged in (False, True):
+                put_as = functools.partial(trainer.layout.put_batch, batch_size=args.batch,
+                                           staged=staged)
 
-            rows.append({"what": "loader", "data": f".npy {dtype}", "workers": workers,
-                         **timed(load_only, args.repeats, n, args.batch)})
+                def load_only(first, source=source, workers=workers, put_as=put_as):
+                    with Prefetcher(source, range(first, first + n), put_as,
+                                    depth=max(4, workers), workers=workers) as batches:
+                        for _, x in batches:
+                            last = x
+                    jax.block_until_ready(last)
+
+                rows.append({"what": "loader" + (" staged" if staged else ""),
+                             "data": f".npy {dtype}", "workers": workers,
+                             **timed(load_only, args.repeats, n, args.batch)})
+
+    on_gpu = trainer.layout.batch_sharding.mesh.devices.flat[0].platform != "cpu"
+    for dtype in paths:  # the copy to the device alone, from a buffer read once
+        rows_host = np.asarray(synthetic.batch(2)).astype(dtype)
+        for workers in args.workers:
+            for staged in ((False, True) if on_gpu else (False,)):
+                rows.append({"what": "put staged" if staged else "put", "data": dtype,
+                             "workers": workers, **timed(functools.partial(
+                                 put_on_threads, trainer.layout, rows_host, n, workers, staged),
+                                 args.repeats, n, args.batch)})
 
     for dtype, path in paths.items():  # the loader's pieces
         source = settings(args, path).open_source()
         for workers in args.workers:
-            for what, move in pieces(trainer.layout, put).items():
+            for what, move in pieces(trainer.layout, args.batch).items():
                 rows.append({"what": what, "data": f".npy {dtype}", "workers": workers,
                              **timed(functools.partial(read_on_threads, source, n, workers,
                                                        move), args.repeats, n, args.batch)})
 
     sources = {"synthetic": synthetic,
                **{f".npy {dt}": settings(args, p).open_source() for dt, p in paths.items()}}
-    for name, source in sources.items():  # the trainer's loop, without records
+    # the trainer's loop, without records: the copy direct or staged, the NaN / inf check
+    # waited for by the reading threads (lag 0) or read by the loop two steps later
+    variants = [(None, 0)]
+    if on_gpu:
+        variants = [(False, 0), (True, 0), (False, 2), (True, 2)]
+    else:
+        variants.append((None, 2))
+    for name, source in sources.items():
         for workers in ([None] if name == "synthetic" else args.workers):
-            def loop(first, source=source, workers=workers):
-                with Prefetcher(source, range(first, first + n), put,
-                                depth=max(4, workers or 4), workers=workers) as batches:
-                    for _, x in batches:
-                        metrics = trainer(x)
-                jax.block_until_ready(metrics)
+            for staged, lag in ([(None, 0)] if name == "synthetic" else variants):
+                put_as = functools.partial(trainer.layout.put_batch, batch_size=args.batch,
+                                           staged=staged)
 
-            rows.append({"what": "loop", "data": name, "workers": workers,
-                         **timed(loop, args.repeats, n, args.batch)})
+                def loop(first, source=source, workers=workers, put_as=put_as, lag=lag):
+                    with Prefetcher(source, range(first, first + n), put_as,
+                                    depth=max(4, workers or 4), workers=workers,
+                                    check_lag=lag) as batches:
+                        for _, x in batches:
+                            metrics = trainer(x)
+                    jax.block_until_ready(metrics)
+
+                what = "loop" + (" staged" if staged else "") + (f" lag {lag}" if lag else "")
+                rows.append({"what": what, "data": name, "workers": workers,
+                             **timed(loop, args.repeats, n, args.batch)})
 
     base = next(r["tokens_per_s"] for r in rows if r["what"] == "loop"
                 and r["data"] == "synthetic")

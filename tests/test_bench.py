@@ -165,8 +165,10 @@ def test_loader_diagnostic_smoke(tmp_path):
     out = tmp_path / "loader.json"
     assert module.main(["--tiny", "--work-dir", str(tmp_path / "w"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    # the loader's pieces too (a CPU has no pinned host memory: no "via pinned" row)
-    assert {r["what"] for r in rows} == {"step", "loader", "loop", "read", "read + put"}
+    # the loader's pieces too (on a CPU the copies are not staged: no "staged" or
+    # "registered" pieces, but the loader alone runs Layout.put_batch's staged path)
+    assert {r["what"] for r in rows} == {"step", "put", "loader", "loader staged", "loop",
+                                         "loop lag 2", "read", "read + put"}
     assert {(r["data"], r["workers"]) for r in rows if r["what"] == "read"} == {
         (f".npy {dt}", w) for dt in ("float32", "float16") for w in (1, 2)}
     assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import jax
 import ml_dtypes
@@ -375,6 +376,112 @@ def test_a_host_buffer_is_read_into_again_only_once_its_rows_are_used(tmp_path,
         with Prefetcher(source, range(20), put=jax.device_put, depth=4, workers=2) as batches:
             for _ in batches:
                 pass
+
+
+def _source_with_a_nan_at(tmp_path, step, dtype=np.float16):
+    rows = rows_of(3000, 8, dtype)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    bad = int(source.sampler.batch_rows(step)[7])
+    rows[bad, 1] = np.nan
+    return RowSource(open_rows(save(tmp_path / "b.npy", rows)), 64, eval_fraction=0), rows, bad
+
+
+@pytest.mark.parametrize("lag", [1, 2, 5])
+def test_a_lagging_loader_raises_a_nan_batch_lag_steps_later_naming_its_rows(tmp_path, lag):
+    """check_lag L: the batch of step 3 with a NaN row is handed out (the step skips its
+    update); the iterator raises when it would hand out step 3 + L, naming step 3's row
+    (read again), after handing out every step before."""
+    source, _, bad = _source_with_a_nan_at(tmp_path, 3)
+    seen = []
+    with pytest.raises(NonFiniteRowsError, match=rf"^1 row\(s\) of step 3's batch .*b.npy "
+                                                 rf"row {bad}\."):
+        with Prefetcher(source, range(12), put=jax.device_put, check_lag=lag) as batches:
+            for step, _ in batches:
+                seen.append(step)
+    assert seen == list(range(3 + lag))
+
+
+def test_a_lagging_loader_raises_at_check_all_and_at_its_end(tmp_path):
+    """check_all checks every batch handed out so far (the trainer calls it before each
+    log, evaluation or checkpoint); the last batches are checked when the iterator ends."""
+    source, _, bad = _source_with_a_nan_at(tmp_path, 3)
+    with Prefetcher(source, range(12), put=jax.device_put, check_lag=4) as batches:
+        for step, _ in batches:
+            if step == 2:
+                batches.check_all()  # steps 0-2 are fine
+            if step == 3:
+                with pytest.raises(NonFiniteRowsError, match=f"row {bad}"):
+                    batches.check_all()
+                break
+    with pytest.raises(NonFiniteRowsError, match=f"row {bad}"):
+        with Prefetcher(source, range(4), put=jax.device_put, check_lag=100) as batches:
+            assert [step for step, _ in batches] == [0, 1, 2, 3]  # raised as it ends
+
+
+def test_a_lagging_deferring_loader_keeps_the_error_and_hands_out_every_batch(tmp_path):
+    source, _, bad = _source_with_a_nan_at(tmp_path, 3)
+    with Prefetcher(source, range(8), put=jax.device_put, check_lag=2,
+                    defer_errors=True) as batches:
+        seen = []
+        for step, x in batches:
+            seen.append((step, bool(np.isfinite(np.asarray(x)).all()), len(batches.deferred)))
+    assert seen == [(s, s != 3, int(s >= 5)) for s in range(8)]
+    assert len(batches.deferred) == 1 and f"b.npy row {bad}" in str(batches.deferred[0])
+
+
+class _LaterConversion:
+    """A conversion that reads its host rows 20 ms after it starts, as a device may (a CPU
+    device reads host memory in place); its finite flag is known only then too."""
+
+    def __init__(self, x):
+        self._x, self._done, self.value = x, threading.Event(), None
+        threading.Timer(0.02, self._run).start()
+
+    def _run(self):
+        self.value = np.array(self._x, np.float32)
+        self._done.set()
+
+    def block_until_ready(self):
+        self._done.wait()
+        return self
+
+    def __array__(self, dtype=None, copy=None):
+        self._done.wait()
+        return self.value
+
+
+class _LaterFlag:
+    def __init__(self, conversion):
+        self._conversion = conversion
+
+    def __bool__(self):
+        return bool(np.isfinite(np.asarray(self._conversion)).all())
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_a_lagging_loader_never_overwrites_rows_a_batch_still_reads(tmp_path, monkeypatch,
+                                                                   lag):
+    """With the check read later the threads hand batches out before their conversion has
+    run; the host buffers read into again must not be the ones a conversion still reads."""
+    from hsae_jax.data import loader
+
+    def later(x):
+        conversion = _LaterConversion(x)
+        return conversion, _LaterFlag(conversion)
+
+    rows = rows_of(3000, 8, np.float32)
+    source = RowSource(open_rows(save(tmp_path / "a.npy", rows)), 64, eval_fraction=0)
+    monkeypatch.setattr(loader, "_float32_and_finite", later)
+    with Prefetcher(source, range(24), put=lambda host: host, depth=4, workers=3,
+                    check_lag=lag) as batches:
+        kept = [(step, x) for step, x in batches]
+    for step, x in kept:
+        np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
+
+
+def test_a_negative_check_lag_is_refused():
+    with pytest.raises(ValueError, match="check_lag=-1 must be >= 0"):
+        Prefetcher(Recorder(), range(3), put=lambda x: x, check_lag=-1)
 
 
 def test_a_deferring_loader_hands_out_a_nan_batch_and_keeps_its_error(tmp_path):

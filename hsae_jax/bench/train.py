@@ -28,6 +28,7 @@ every run trains on the same kind of activations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -44,6 +45,8 @@ from hsae_jax.train import TrainConfig, resume, train
 
 RUNS = ("synthetic", "npy-float32", "npy-float16", "cache-float16", "dead-auxk",
         "dead-no-auxk", "npy-float16-dead-auxk")
+# more runs by name: a "-bf16" suffix on a dead-auxk run puts AuxK's matmuls on bfloat16
+# operands (--auxk-dtype bfloat16), e.g. "dead-auxk-bf16", "npy-float16-dead-auxk-bf16"
 BIAS_DROP = 1e3  # lowers a latent's pre-activation out of every token's top K
 
 
@@ -122,9 +125,13 @@ def settle_written_files(log=print) -> None:
 
 def loader_tokens_per_s(tc: TrainConfig, steps: int) -> float:
     """Tokens/s of the data path alone (read, copy to the device, finiteness check), with
-    the trainer's prefetch settings and no training step to hide behind."""
+    the trainer's prefetch settings and batch placement and no training step to hide
+    behind."""
+    from hsae_jax.parallel import MeshShape, make_layout
+
     source = tc.open_source()
-    put = jax.device_put
+    layout = make_layout(MeshShape.parse(tc.mesh), tc.devices)
+    put = functools.partial(layout.put_batch, batch_size=tc.batch_size)
     with Prefetcher(source, range(2), put, depth=tc.prefetch) as warm:
         for _ in warm:
             pass
@@ -188,13 +195,16 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
     rows = []
     for name in s.runs:
         flat = _common(s)
-        data = name.replace("-dead-auxk", "")
+        base, bf16 = (name[:-len("-bf16")], True) if name.endswith("-bf16") else (name, False)
+        data = base.replace("-dead-auxk", "")
         if data in paths:
             flat.update(data=paths[data], eval_fraction=0.01)
         dead = "dead" in name
         if dead:
             flat.update(dead_tokens=s.dead_tokens, warmup_steps=1,  # the 1-step run takes it
-                        auxk_coef=0.0 if name.endswith("no-auxk") else 1.0 / 32.0)
+                        auxk_coef=0.0 if base.endswith("no-auxk") else 1.0 / 32.0)
+        if bf16:
+            flat.update(auxk_dtype="bfloat16")
         run_dir = os.path.join(s.work_dir, f"run-{name}")
         if os.path.exists(run_dir):
             import shutil
@@ -226,9 +236,8 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
         rows.append(row)
     by = {r["run"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
-        base = by.get("dead-no-auxk") if r["run"] == "dead-auxk" else by.get("synthetic")
-        if r["run"] == "npy-float16-dead-auxk":
-            base = by.get("dead-no-auxk")
+        base = by.get("dead-no-auxk" if r["run"].endswith(("dead-auxk", "dead-auxk-bf16"))
+                      else "synthetic")
         if r.get("tokens_per_s") and base and r["run"] != "synthetic":
             r["vs_baseline"] = r["tokens_per_s"] / base
     payload = {"benchmark": "trainer_loop", "device": common.device_info(),

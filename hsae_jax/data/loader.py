@@ -38,14 +38,36 @@ def _prepare(batch) -> tuple[jax.Array, bool]:
     """(``batch`` as float32, whether it holds no NaN / inf), shard by shard on this
     process's devices: no computation spans processes (reading threads must not launch
     the collective programs every process has to run in the same order)."""
+    converted, flags = _prepare_later(batch)
+    return converted, _all_true(flags)
+
+
+def _prepare_later(batch) -> tuple[jax.Array, list[jax.Array]]:
+    """:func:`_prepare` without waiting: (``batch`` as float32, one device bool per shard
+    saying it is finite), both still being computed."""
     shards = getattr(batch, "addressable_shards", None)
     if shards is None:  # a host array (a test's put)
         converted, finite = _float32_and_finite(batch)
-        return converted, bool(finite)
+        return converted, [finite]
     done = [_float32_and_finite(shard.data) for shard in shards]
-    finite = all(bool(ok) for _, ok in done)
     return jax.make_array_from_single_device_arrays(
-        batch.shape, batch.sharding, [converted for converted, _ in done]), finite
+        batch.shape, batch.sharding, [converted for converted, _ in done]), [
+        finite for _, finite in done]
+
+
+def _reads_host_rows(placed, batch):
+    """What reads the host rows ``placed`` was put from: the copy to the device itself on
+    a GPU (its transfer reads them), else the converted batch (a CPU device may use host
+    memory in place, and so may a put that returns the host array)."""
+    try:
+        on_cpu = any(device.platform == "cpu" for device in placed.devices())
+    except AttributeError:  # not a jax.Array
+        on_cpu = True
+    return batch if on_cpu else placed
+
+
+def _all_true(flags) -> bool:
+    return all(bool(flag) for flag in flags)
 
 
 def _takes_out(host_batch) -> bool:
@@ -66,7 +88,15 @@ class Prefetcher:
       ``jax.make_array_from_process_local_data`` with several processes).
     workers: reading threads (default: ``min(depth, 4)``).
     Errors raised while reading step s (e.g. a batch with non-finite rows) are raised by
-    the iterator at step s, after the batches before it. ``defer_errors``: a batch with
+    the iterator at step s, after the batches before it; a batch's NaN / inf with
+    ``check_lag`` L > 0: when the iterator hands out step s + L, or at :meth:`check_all`
+    (the step that took the batch skipped its update: its loss was not finite). With L > 0
+    no thread waits for the device to run a batch's conversion and check, which is queued
+    behind the steps already dispatched: the threads only wait for the copy to the
+    device, and the consumer can dispatch step s while the device still runs step s - 1
+    (with L = 0 it dispatches it only once the device has converted batch s, after step
+    s - 1). The rows of a batch found with NaN / inf are read again to name them.
+    ``defer_errors``: a batch with
     NaN / inf is handed out as it is, one that could not be read as NaN rows (the step
     skips its update either way), and the error is kept in :attr:`deferred` instead (a
     process of several must not leave the step's collectives alone: the loop raises it
@@ -76,10 +106,14 @@ class Prefetcher:
 
     def __init__(self, source, steps: range, put: Callable, *, depth: int = 4,
                  workers: int | None = None, process_index: int = 0, process_count: int = 1,
-                 defer_errors: bool = False):
+                 defer_errors: bool = False, check_lag: int = 0):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
+        if check_lag < 0:
+            raise ValueError(f"check_lag={check_lag} must be >= 0")
         self.source, self.steps, self.put, self.depth = source, steps, put, depth
+        self.check_lag = check_lag
+        self._unchecked: collections.deque = collections.deque()  # (step, finite flags)
         self.process_index, self.process_count = process_index, process_count
         self.defer_errors = defer_errors
         self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf,
@@ -110,18 +144,50 @@ class Prefetcher:
             stand_in = self._stand_in()
             if stand_in is None:
                 raise
-            return _prepare(self.put(stand_in))[0], err
-        batch, finite = _prepare(self.put(rows))  # waits until the device has the rows
+            return _prepare(self.put(stand_in))[0], None, err
+        placed = self.put(rows)
+        if self.check_lag:  # checked later, by the consumer
+            batch, flags = _prepare_later(placed)
+            jax.block_until_ready(_reads_host_rows(placed, batch))  # the host buffer is free
+            if self._buffers is not None:
+                self._buffers.put(rows)
+            return batch, flags, None
+        batch, finite = _prepare(placed)  # waits until the device has the rows
         error = None
         if not finite:
-            check = getattr(self.source, "non_finite_error", None)
-            error = (ValueError(f"step {step}'s batch holds NaN or inf") if check is None
-                     else check(step, rows, self.process_index, self.process_count))
+            error = self._non_finite_error(step, rows)
             if not self.defer_errors:
                 raise error
         if self._buffers is not None:
             self._buffers.put(rows)
-        return batch, error
+        return batch, None, error
+
+    def _non_finite_error(self, step: int, rows=None) -> Exception:
+        """The error naming step ``step``'s rows with NaN / inf (read again if not given)."""
+        check = getattr(self.source, "non_finite_error", None)
+        if check is None:
+            return ValueError(f"step {step}'s batch holds NaN or inf")
+        if rows is None:
+            rows = self.source.host_batch(step, self.process_index, self.process_count)
+        return check(step, rows, self.process_index, self.process_count)
+
+    def _check(self, through: int) -> None:
+        """Checks the batches handed out up to step ``through`` (with ``check_lag``)."""
+        while self._unchecked and self._unchecked[0][0] <= through:
+            step, flags = self._unchecked.popleft()
+            if not _all_true(flags):
+                error = self._non_finite_error(step)
+                if not self.defer_errors:
+                    self._unchecked.clear()
+                    raise error
+                self.deferred.append(error)
+
+    def check_all(self) -> None:
+        """Checks every batch handed out so far (with ``check_lag``; nothing to do
+        otherwise): raises the error of the first one that holds NaN / inf, or with
+        ``defer_errors`` adds it to :attr:`deferred`. Call it before anything that keeps
+        the state a batch made (a log, an evaluation, a checkpoint)."""
+        self._check(self.steps.stop)
 
     def _stand_in(self) -> np.ndarray | None:
         """With ``defer_errors``, the NaN rows handed out for a batch that could not be
@@ -144,18 +210,23 @@ class Prefetcher:
                 break
         while self._pending:
             step, future = self._pending.popleft()
-            batch, error = future.result()  # raises what reading this step raised
+            batch, flags, error = future.result()  # raises what reading this step raised
             if error is not None:
                 self.deferred.append(error)
+            if flags is not None:
+                self._unchecked.append((step, flags))
+            self._check(step - self.check_lag)
             nxt = next(upcoming, None)
             if nxt is not None:
                 self._pending.append((nxt, self._pool.submit(self._read, nxt)))
             yield step, batch
+        self.check_all()
 
     def close(self) -> None:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._unchecked.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

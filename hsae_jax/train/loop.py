@@ -57,6 +57,11 @@ from hsae_jax.train.step import (
     make_train_step,
 )
 
+# a batch's NaN / inf check is read this many steps after the step that took it (its update
+# skipped) or before the next log, evaluation or checkpoint, whichever comes first: no step
+# waits for the device to convert its batch (the loader's Prefetcher.check_lag)
+CHECK_LAG = 2
+
 __all__ = ["RESUMABLE_CHANGES", "read_records", "resume", "train"]
 
 
@@ -315,7 +320,8 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
     several = jax.process_count() > 1
     batches = Prefetcher(source, range(start, tc.steps),
                          lambda x: layout.put_batch(x, tc.batch_size), depth=tc.prefetch,
-                         process_index=share, process_count=shares, defer_errors=several)
+                         process_index=share, process_count=shares, defer_errors=several,
+                         check_lag=CHECK_LAG)
     try:
         for step, x in batches:
             *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
@@ -323,6 +329,8 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
             done = step + 1
             final = done == tc.steps
             saves = done % tc.save_every == 0 or final
+            if saves or done % tc.log_every == 0 or done % tc.eval_every == 0:
+                batches.check_all()  # nothing is logged or kept after a batch with NaN / inf
             if several and (done % tc.log_every == 0 or saves):
                 failure = batches.deferred[0] if batches.deferred else None
                 _go_on_together(failure, f"stopped at step {done}")
