@@ -615,3 +615,32 @@ def _run_on_cpu_devices(script: str, devices: int) -> None:
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+def test_batches_staged_through_pinned_host_memory_arrive_as_put_directly(tmp_path):
+    """Layout.put_batch(staged=True) (what GPUs get by default) gives the direct put's
+    array: the same values and sharding, in device memory, on a (data=2, model=2) mesh of
+    4 CPU devices; a CPU stages nothing unless asked (pinned_staging is None)."""
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np, jax
+        from hsae_jax.parallel import make_layout
+        from hsae_jax.parallel.mesh import pinned_staging
+        layout = make_layout("data=2,model=2", 4)
+        assert pinned_staging(layout.batch_sharding) is None
+        staging = pinned_staging(layout.batch_sharding, any_platform=True)
+        assert staging.memory_kind == "pinned_host", staging
+        rows = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float16)
+        direct = layout.put_batch(rows, 32, staged=False)
+        staged = layout.put_batch(rows, 32, staged=True)
+        assert staged.sharding == direct.sharding == layout.batch_sharding, staged.sharding
+        assert staged.sharding.memory_kind == direct.sharding.memory_kind
+        assert staged.dtype == np.float16
+        want = rows.copy()
+        np.testing.assert_array_equal(np.asarray(direct), want)
+        rows[:] = 0  # the staged batch does not alias the host rows
+        np.testing.assert_array_equal(np.asarray(staged), want)
+        print("ok")
+    """)
+    _run_on_cpu_devices(script, 4)
