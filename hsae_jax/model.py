@@ -65,7 +65,11 @@ class SAEConfig:
     auxk_dtype: ``"float32"`` (the operands as they are: TF32 on GPUs at the default
       matmul precision) or ``"bfloat16"`` for the operands of AuxK's matmuls (its
       reconstruction from the dead latents and the products of its gradients; float32
-      accumulation). The dead latents and their top aux_k are chosen the same either way.
+      accumulation). The dead latents are the same either way, and so is each token's top
+      aux_k of them where the step keeps the main encoder's pre-activations (the trainer's
+      default); where AuxK computes the dead columns' pre-activations itself (the
+      one-device ``sae_loss``, ``--encoder-rows``, ``--auxk-max-fraction`` below 1), that
+      product is in this dtype too.
     Which backend runs the ops is not part of the model: see :class:`KernelSettings`.
     """
 

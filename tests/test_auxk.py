@@ -141,8 +141,9 @@ def test_bf16_auxk_products_round_every_operand_and_the_cotangent(rng_seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_auxk_products_stay_near_the_float32_definition(backend, rng_seed):
-    """auxk_dtype="bfloat16" picks the same latents; its loss and gradients are the float32
-    definition's to bfloat16 rounding, and only dead latents' rows move."""
+    """auxk_dtype="bfloat16": the loss and gradients are the float32 definition's to
+    bfloat16 rounding (the dead columns' pre-activations, here computed by AuxK itself, in
+    bfloat16 too), and only dead latents' rows move."""
     which = [3, 9, 10, 30, 41, 63]
     cfg, params, stats, x = setup(rng_seed, aux_k=4, auxk_dtype="bfloat16")
     (value, grads), (ref_value, ref_grads) = both(cfg, params, stats, x,

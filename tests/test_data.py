@@ -479,6 +479,52 @@ def test_a_lagging_loader_never_overwrites_rows_a_batch_still_reads(tmp_path, mo
         np.testing.assert_array_equal(np.asarray(x), rows[source.sampler.batch_rows(step)])
 
 
+def test_a_lagging_loader_reports_an_earlier_nan_batch_before_a_later_read_error(tmp_path):
+    """Step 3 holds NaN and step 4 cannot be read: step 3's error comes first, raised or
+    (``defer_errors``, where step 4 is handed out as NaN rows) first in ``deferred``."""
+    source, rows, bad = _source_with_a_nan_at(tmp_path, 3)
+
+    class Failing(RowSource):
+        def host_batch(self, step, *args, **kwargs):
+            if step == 4:
+                raise OSError("step 4: the disk went away")
+            return super().host_batch(step, *args, **kwargs)
+
+    failing = Failing(source.rows, 64, eval_fraction=0)
+    with pytest.raises(NonFiniteRowsError, match=f"step 3's batch .*row {bad}"):
+        with Prefetcher(failing, range(8), put=jax.device_put, check_lag=2) as batches:
+            for _ in batches:
+                pass
+    with Prefetcher(failing, range(8), put=jax.device_put, check_lag=2,
+                    defer_errors=True) as batches:
+        list(batches)
+    assert [type(e) for e in batches.deferred] == [NonFiniteRowsError, OSError]
+
+
+def test_a_lagging_loader_that_cannot_read_a_bad_batch_again_still_reports_it(tmp_path):
+    """The rows of a batch found with NaN / inf are read again to name them; if that read
+    fails, the error still says which step held NaN / inf (and is deferred as any other)."""
+    source, rows, _ = _source_with_a_nan_at(tmp_path, 3)
+
+    class FailingTwice(RowSource):
+        reads = 0
+
+        def host_batch(self, step, *args, **kwargs):
+            if step == 3:
+                FailingTwice.reads += 1
+                if FailingTwice.reads > 1:
+                    raise OSError("the second read failed")
+            return super().host_batch(step, *args, **kwargs)
+
+    flaky = FailingTwice(source.rows, 64, eval_fraction=0)
+    with Prefetcher(flaky, range(8), put=jax.device_put, check_lag=2,
+                    defer_errors=True) as batches:
+        assert [step for step, _ in batches] == list(range(8))
+    (error,) = batches.deferred
+    assert str(error) == "step 3's batch holds NaN or inf"
+    assert isinstance(error.__cause__, OSError)
+
+
 def test_a_negative_check_lag_is_refused():
     with pytest.raises(ValueError, match="check_lag=-1 must be >= 0"):
         Prefetcher(Recorder(), range(3), put=lambda x: x, check_lag=-1)

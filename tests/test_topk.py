@@ -252,6 +252,23 @@ def test_top_k_relu_gradient_passes_only_where_the_output_is_positive(backend, r
     np.testing.assert_array_equal(grad, np.where(kept, weights, 0.0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+def test_top_k_relu_and_top_k_mask_of_no_rows_are_empty(backend):
+    x = jnp.zeros((0, 8), jnp.float32)
+    assert top_k_relu(x, 3, backend=backend).shape == (0, 8)
+    assert top_k_mask(x, 3, backend=backend).shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+def test_top_k_relu_has_a_forward_mode_derivative(backend, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    x, dx = (jnp.asarray(rng.normal(size=(2, 40)), jnp.float32) for _ in range(2))
+    config = TopKConfig(block=16) if backend != "xla" else None
+    out, tangent = jax.jvp(lambda x: top_k_relu(x, 9, backend=backend, config=config), (x,),
+                           (dx,))
+    np.testing.assert_array_equal(tangent, np.where(np.asarray(out) > 0, dx, 0.0))
+
+
 def test_top_k_relu_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"k=9 must be in \[1, F=8\]"):
         top_k_relu(jnp.zeros((2, 8)), 9, backend="xla")

@@ -16,6 +16,7 @@ and no conversion is fused into its matmuls.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import inspect
@@ -89,19 +90,21 @@ class Prefetcher:
     workers: reading threads (default: ``min(depth, 4)``).
     Errors raised while reading step s (e.g. a batch with non-finite rows) are raised by
     the iterator at step s, after the batches before it; a batch's NaN / inf with
-    ``check_lag`` L > 0: when the iterator hands out step s + L, or at :meth:`check_all`
-    (the step that took the batch skipped its update: its loss was not finite). With L > 0
-    no thread waits for the device to run a batch's conversion and check, which is queued
-    behind the steps already dispatched: the threads only wait for the copy to the
-    device, and the consumer can dispatch step s while the device still runs step s - 1
-    (with L = 0 it dispatches it only once the device has converted batch s, after step
-    s - 1). The rows of a batch found with NaN / inf are read again to name them.
-    ``defer_errors``: a batch with
-    NaN / inf is handed out as it is, one that could not be read as NaN rows (the step
-    skips its update either way), and the error is kept in :attr:`deferred` instead (a
-    process of several must not leave the step's collectives alone: the loop raises it
-    where every process checks). Use as a context manager (or call :meth:`close`) so the
-    threads stop when the loop ends early.
+    ``check_lag`` L > 0: when the iterator hands out step s + L, at :meth:`check_all`, or
+    when it ends (the step that took the batch skipped its update: its loss was not
+    finite); an earlier batch's NaN / inf always comes before a later step's read error.
+    With L > 0 no thread of a GPU run waits for the device to run a batch's conversion and
+    check, which is queued behind the steps already dispatched: the threads wait only for
+    the copy to the device (on a CPU, which may read the host rows in place, for the
+    conversion), and the consumer can dispatch step s while the device still runs step
+    s - 1 (with L = 0 it dispatches it only once the device has converted batch s, after
+    step s - 1). The rows of a batch found with NaN / inf are read again to name them.
+    ``defer_errors``: a batch with NaN / inf is handed out as it is, one that could not be
+    read as NaN rows (the step skips its update either way), and the error is kept in
+    :attr:`deferred` instead, in step order (a process of several must not leave the
+    step's collectives alone: the loop raises it where every process checks). Use as a
+    context manager (or call :meth:`close`) so the threads stop when the loop ends early;
+    batches not checked yet are not checked then (call :meth:`check_all` first).
     """
 
     def __init__(self, source, steps: range, put: Callable, *, depth: int = 4,
@@ -116,8 +119,9 @@ class Prefetcher:
         self._unchecked: collections.deque = collections.deque()  # (step, finite flags)
         self.process_index, self.process_count = process_index, process_count
         self.defer_errors = defer_errors
-        self.deferred: list[Exception] = []  # errors of batches handed out with NaN / inf,
-        # or handed out as NaN rows because they could not be read (``defer_errors``)
+        # (step, error) of batches handed out with NaN / inf, or handed out as NaN rows
+        # because they could not be read (``defer_errors``), in step order
+        self._deferred: list[tuple[int, Exception]] = []
         self._pool = None
         if hasattr(source, "host_batch"):
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -162,13 +166,30 @@ class Prefetcher:
             self._buffers.put(rows)
         return batch, None, error
 
+    @property
+    def deferred(self) -> list[Exception]:
+        """The errors kept with ``defer_errors``, in the order of their steps."""
+        return [error for _, error in self._deferred]
+
+    def _defer(self, step: int, error: Exception) -> None:
+        bisect.insort(self._deferred, (step, error), key=lambda item: item[0])
+
     def _non_finite_error(self, step: int, rows=None) -> Exception:
-        """The error naming step ``step``'s rows with NaN / inf (read again if not given)."""
+        """The error naming step ``step``'s rows with NaN / inf (read again if not given;
+        a generic one if that read fails or finds none)."""
+        plain = ValueError(f"step {step}'s batch holds NaN or inf")
         check = getattr(self.source, "non_finite_error", None)
         if check is None:
-            return ValueError(f"step {step}'s batch holds NaN or inf")
+            return plain
         if rows is None:
-            rows = self.source.host_batch(step, self.process_index, self.process_count)
+            try:
+                rows = self.source.host_batch(step, self.process_index, self.process_count)
+            except Exception as err:  # noqa: BLE001 - the batch's error is what to report
+                plain.__cause__ = err
+                return plain
+            if np.isfinite(np.asarray(rows, np.float32)).all():  # changed since it was read
+                return ValueError(f"step {step}'s batch held NaN or inf when it was read, but "
+                                  "not when read again to name its rows: did the data change?")
         return check(step, rows, self.process_index, self.process_count)
 
     def _check(self, through: int) -> None:
@@ -180,7 +201,7 @@ class Prefetcher:
                 if not self.defer_errors:
                     self._unchecked.clear()
                     raise error
-                self.deferred.append(error)
+                self._defer(step, error)
 
     def check_all(self) -> None:
         """Checks every batch handed out so far (with ``check_lag``; nothing to do
@@ -210,9 +231,13 @@ class Prefetcher:
                 break
         while self._pending:
             step, future = self._pending.popleft()
-            batch, flags, error = future.result()  # raises what reading this step raised
+            try:
+                batch, flags, error = future.result()  # raises what reading it raised
+            except BaseException:
+                self.check_all()  # an earlier batch's NaN / inf comes first
+                raise
             if error is not None:
-                self.deferred.append(error)
+                self._defer(step, error)
             if flags is not None:
                 self._unchecked.append((step, flags))
             self._check(step - self.check_lag)

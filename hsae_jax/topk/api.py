@@ -181,6 +181,8 @@ def top_k_mask(
         _, indices = jax.lax.top_k(x, k)
         return jnp.zeros((b, f), jnp.bool_).at[jnp.arange(b)[:, None], indices].set(True)
     cfg = config.resolve(f, k)
+    if b == 0:  # nothing to launch a kernel for
+        return jnp.zeros((0, f), jnp.bool_)
     backends.import_triton_for(concrete)
     from hsae_jax.topk import kernels
 
@@ -214,17 +216,19 @@ def top_k_relu(
     On the kernel backends one launch (``topk_relu_kernel``: the radix select, then one
     pass that writes the row) replaces the mask, its tie count and the selects that apply
     it; on ``"xla"`` / ``"reference"`` it is ``where(top_k_mask(x, k), relu(x), 0)``.
-    Differentiable in ``x``: the gradient passes where the output is positive (the kept
-    entries above 0), as the definition's does.
+    Differentiable in ``x`` (forward and reverse mode): the gradient passes where the
+    output is positive (the kept entries above 0), as the definition's does.
     """
     check_top_k_inputs(x, k)
     if len(x.shape) != 2:
         raise ValueError(f"x must have shape [B, F], got {tuple(x.shape)}")
     concrete, config = backends.resolve(backend, config, kernel_config=TopKConfig)
-    if concrete in ("xla", "reference") or x.shape[0] == 0:
+    if concrete in ("xla", "reference"):
         mask = top_k_mask(x, k, backend=concrete, config=config)
         return jnp.where(mask, jax.nn.relu(x), jnp.zeros((), x.dtype))
-    cfg = config.resolve(x.shape[1], k)
+    cfg = config.resolve(x.shape[1], k)  # bad settings fail here, before anything runs
+    if x.shape[0] == 0:  # nothing to launch a kernel for
+        return jnp.zeros_like(x)
     return _kernel_top_k_relu(_KernelTopKReLU(concrete, cfg, k), x)
 
 
@@ -247,18 +251,15 @@ class _KernelTopKReLU:
         return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_top_k_relu(impl, x):
     return impl(x)
 
 
-def _kernel_top_k_relu_fwd(impl, x):
-    out = impl(x)
-    return out, out
-
-
-def _kernel_top_k_relu_bwd(impl, out, g):
-    return (jnp.where(out > 0, g, jnp.zeros((), g.dtype)),)
-
-
-_kernel_top_k_relu.defvjp(_kernel_top_k_relu_fwd, _kernel_top_k_relu_bwd)
+@_kernel_top_k_relu.defjvp
+def _kernel_top_k_relu_jvp(impl, primals, tangents):
+    """The tangent passes where the output is positive (linear, so reverse mode transposes
+    it into the same select)."""
+    (x,), (dx,) = primals, tangents
+    out = _kernel_top_k_relu(impl, x)
+    return out, jnp.where(out > 0, dx, jnp.zeros((), dx.dtype))
