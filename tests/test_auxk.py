@@ -142,10 +142,12 @@ def test_bf16_auxk_products_round_every_operand_and_the_cotangent(rng_seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_auxk_products_stay_near_the_float32_definition(backend, rng_seed):
     """auxk_dtype="bfloat16": the loss and gradients are the float32 definition's to
-    bfloat16 rounding (the dead columns' pre-activations, here computed by AuxK itself, in
-    bfloat16 too), and only dead latents' rows move."""
+    bfloat16 rounding, and only dead latents' rows move. aux_k holds every dead latent, so
+    no token's selection can flip between the two (AuxK computes the dead columns'
+    pre-activations itself here, in bfloat16 too: on an H100 a flipped selection put W_enc's
+    gradient 2.6% away with aux_k = 4)."""
     which = [3, 9, 10, 30, 41, 63]
-    cfg, params, stats, x = setup(rng_seed, aux_k=4, auxk_dtype="bfloat16")
+    cfg, params, stats, x = setup(rng_seed, aux_k=8, auxk_dtype="bfloat16")
     (value, grads), (ref_value, ref_grads) = both(cfg, params, stats, x,
                                                   dead_mask(64, which), backend)
     assert relative_error(value, ref_value) < 1e-2
