@@ -71,8 +71,7 @@ def auxk_dot(auxk_dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _bf16_dot(a, b):  # float32 a, b
-    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                   preferred_element_type=jnp.float32)
+    return _bf16_dot_fwd(a, b)[0]
 
 
 def _bf16_dot_fwd(a, b):
@@ -166,11 +165,7 @@ def _valued_fwd(auxk_dtype, scores, xc, w_enc, b_enc, b_dec):
 def _valued_bwd(auxk_dtype, saved, d):
     xc, w_enc, b_enc, b_dec = saved
     d_bias = jnp.sum(d, axis=0)
-    if auxk_dtype == "bfloat16":
-        d_w_enc = jnp.dot(d.T.astype(jnp.bfloat16), xc.astype(jnp.bfloat16),
-                          preferred_element_type=jnp.float32)
-    else:
-        d_w_enc = jnp.dot(d.T, xc.astype(jnp.float32), preferred_element_type=jnp.float32)
+    d_w_enc = auxk_dot(auxk_dtype, d.T, xc.astype(jnp.float32))
     d_b_dec = -jnp.dot(d_bias, w_enc.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (jnp.zeros_like(d), jnp.zeros_like(xc), d_w_enc.astype(w_enc.dtype),
             d_bias.astype(b_enc.dtype), d_b_dec.astype(b_dec.dtype))
