@@ -4,7 +4,8 @@ Times jit(value_and_grad) of the AuxK loss alone with respect to every parameter
 share of dead latents from 1% to 50% (each lands in its column bucket), beside the plain
 definition (``auxk_loss_reference``: a second whole encoder pass with top-k over F and the
 TopK decoder loss over aux_k rows per token) and the pieces of one bucket: the dead
-columns' pre-activations, the radix top-k mask, the main reconstruction's residual.
+columns' pre-activations, the top-k selections (row in registers, radix select), the main
+reconstruction's residual.
 Prints a table and writes JSON.
 Usage: python benchmarks/auxk_pieces.py [--batch 4096 --n-latents 65536 --d-model 2304
        --k 64] [--dead 0.01,0.05,0.1,0.25,0.5] [--backend auto] [--out FILE]
@@ -24,7 +25,7 @@ from hsae_jax.auxk import auxk_loss, auxk_loss_reference, column_buckets, main_r
 from hsae_jax.bench import common
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.model import encode_arrays, init_arrays, scale_inputs
-from hsae_jax.topk import top_k_mask, top_k_relu
+from hsae_jax.topk import TopKConfig, top_k_mask, top_k_relu
 
 
 def main() -> None:
@@ -80,12 +81,18 @@ def main() -> None:
                                                          kernels)))
             timed("auxk reference fwd+bwd", ref, params, dead=fraction)
             pre = jax.random.normal(key, (b, bucket), jnp.float32)
-            timed("top-k mask", jax.jit(lambda p: top_k_mask(p, cfg.resolved_aux_k)), pre,
-                  columns=bucket)
-            timed("top-k relu (one kernel)", jax.jit(lambda p: top_k_relu(
-                p, cfg.resolved_aux_k)), pre, columns=bucket)
-            timed("top-k mask + relu (before)", jax.jit(lambda p: jnp.where(
-                top_k_mask(p, cfg.resolved_aux_k), jax.nn.relu(p), 0.0)), pre, columns=bucket)
+            aux_k = cfg.resolved_aux_k
+            negative = -jnp.abs(pre)  # no positive entry: the ReLU needs no search
+            for select, resident in (("in registers", TopKConfig().resident),
+                                     ("radix", 0)):
+                config = TopKConfig(resident=resident)
+                timed(f"top-k mask, {select}", jax.jit(lambda p, c=config: top_k_mask(
+                    p, aux_k, config=c)), pre, columns=bucket)
+                timed(f"top-k relu, {select}", jax.jit(lambda p, c=config: top_k_relu(
+                    p, aux_k, config=c)), pre, columns=bucket)
+                timed(f"top-k relu, {select}, every entry negative", jax.jit(
+                    lambda p, c=config: top_k_relu(p, aux_k, config=c)), negative,
+                    columns=bucket)
             w = params["W_enc"][:bucket]
             timed("dead-column matmul", jax.jit(lambda a, w: a @ w.T), xs, w, columns=bucket)
             timed("dead-column matmul bf16", jax.jit(lambda a, w: jnp.dot(

@@ -162,16 +162,24 @@ def test_nan_sign_orders_like_lax_top_k(backend, config):
                                                         [3, 4, 2, 0, 6, 5, 1]])
 
 
-BACKENDS_FOR_MASK = [
-    pytest.param("xla", id="xla"),
-    pytest.param("interpret", marks=requires_interpreter, id="interpret"),
-    pytest.param("triton", marks=requires_gpu, id="triton"),
-]
+# the selections without a sort: lax.top_k on xla; on the kernel backends the row held in
+# registers (short rows, the default) or the radix select over the row (resident=0)
+BACKENDS_FOR_MASK = [pytest.param("xla", None, id="xla")] + [
+    pytest.param(backend, select, marks=mark, id=f"{backend}-{select}")
+    for backend, mark in (("interpret", requires_interpreter), ("triton", requires_gpu))
+    for select in ("resident", "radix")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+def select_config(select, block):
+    """TopKConfig of a BACKENDS_FOR_MASK entry (None on xla)."""
+    if select is None:
+        return None
+    return TopKConfig(block=block, resident=16384 if select == "resident" else 0)
+
+
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
 @pytest.mark.parametrize("ties", ["none", "many", "-inf and signed zeros"])
-def test_top_k_mask_selects_what_top_k_selects(backend, ties, rng_seed):
+def test_top_k_mask_selects_what_top_k_selects(backend, select, ties, rng_seed):
     rng = np.random.default_rng(rng_seed)
     for _ in range(6):
         b, n = int(rng.integers(1, 5)), int(rng.integers(1, 300))
@@ -186,13 +194,12 @@ def test_top_k_mask_selects_what_top_k_selects(backend, ties, rng_seed):
         _, idx = jax.lax.top_k(jnp.asarray(x), k)
         expected = np.zeros((b, n), bool)
         np.put_along_axis(expected, np.asarray(idx), True, axis=1)
-        got = top_k_mask(jnp.asarray(x), k, backend=backend, config=TopKConfig(block=64)
-                         if backend != "xla" else None)
+        got = top_k_mask(jnp.asarray(x), k, backend=backend, config=select_config(select, 64))
         np.testing.assert_array_equal(got, expected, err_msg=f"n={n} k={k}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
-def test_top_k_mask_cuts_ties_only_where_the_kth_value_repeats(backend):
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
+def test_top_k_mask_cuts_ties_only_where_the_kth_value_repeats(backend, select):
     """Rows whose k-th value is unique take every entry >= it; a row that must leave some
     equal entries out takes the lowest columns, whatever the other rows hold."""
     unique = jnp.asarray([[0.5, 3.0, -1.0, 2.0, 0.0]], jnp.float32)
@@ -203,7 +210,7 @@ def test_top_k_mask_cuts_ties_only_where_the_kth_value_repeats(backend):
             (jnp.concatenate([unique, cut]), [[False, True, False, True, False],
                                               [True, True, False, False, False]])]:
         got = top_k_mask(x, 2, backend=backend,
-                         config=TopKConfig(block=64) if backend != "xla" else None)
+                         config=select_config(select, 64))
         np.testing.assert_array_equal(got, np.asarray(expected))
 
 
@@ -217,10 +224,10 @@ def numpy_top_k_relu(x, k):
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
 @pytest.mark.parametrize("ties", ["none", "many", "cut in the middle of a tie"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_top_k_relu_keeps_the_top_k_through_a_relu(backend, ties, dtype, rng_seed):
+def test_top_k_relu_keeps_the_top_k_through_a_relu(backend, select, ties, dtype, rng_seed):
     """Every element written: relu(x) at the row's top k, exactly 0 elsewhere, also when
     a run of equal values straddles the k-th place (the lower columns are kept)."""
     rng = np.random.default_rng(rng_seed)
@@ -234,36 +241,79 @@ def test_top_k_relu_keeps_the_top_k_through_a_relu(backend, ties, dtype, rng_see
             x[:, rng.permutation(n)[: min(n, k + 3)]] = 0.25
         x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # what the op sees
         got = top_k_relu(jnp.asarray(x, dtype), k, backend=backend,
-                         config=TopKConfig(block=64) if backend != "xla" else None)
+                         config=select_config(select, 64))
         assert got.dtype == jnp.dtype(dtype) and got.shape == (b, n)
         np.testing.assert_array_equal(np.asarray(got, np.float64), numpy_top_k_relu(x, k),
                                       err_msg=f"n={n} k={k}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
-def test_top_k_relu_gradient_passes_only_where_the_output_is_positive(backend, rng_seed):
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
+def test_top_k_relu_gradient_passes_only_where_the_output_is_positive(backend, select, rng_seed):
     rng = np.random.default_rng(rng_seed)
     x = jnp.asarray(rng.normal(size=(3, 77)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(3, 77)), jnp.float32)
-    config = TopKConfig(block=32) if backend != "xla" else None
+    config = select_config(select, 32)
     grad = jax.grad(lambda x: jnp.sum(weights * top_k_relu(x, 20, backend=backend,
                                                            config=config)))(x)
     kept = numpy_top_k_relu(np.asarray(x), 20) > 0
     np.testing.assert_array_equal(grad, np.where(kept, weights, 0.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
-def test_top_k_relu_and_top_k_mask_of_no_rows_are_empty(backend):
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
+def test_top_k_relu_and_top_k_mask_of_no_rows_are_empty(backend, select):
     x = jnp.zeros((0, 8), jnp.float32)
-    assert top_k_relu(x, 3, backend=backend).shape == (0, 8)
-    assert top_k_mask(x, 3, backend=backend).shape == (0, 8)
+    config = select_config(select, 64)
+    assert top_k_relu(x, 3, backend=backend, config=config).shape == (0, 8)
+    assert top_k_mask(x, 3, backend=backend, config=config).shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_FOR_MASK)
-def test_top_k_relu_has_a_forward_mode_derivative(backend, rng_seed):
+def _bits(*words):
+    return np.array(words, np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK[1:])
+def test_selections_of_special_rows_equal_lax_top_k(backend, select):
+    """NaNs of either sign (the largest payload too), infinities and signed zeros, a row
+    with fewer positive entries than k (the ReLU needs no search), exactly k, one whose
+    NaN of negative sign is kept because the row has nothing else, all equal: the kernels
+    select what lax.top_k does (xla) and write relu there, NaN included."""
+    nan_neg, nan_max = _bits(0xFFC00000, 0x7FFFFFFF)
+    rows = np.array([
+        [1.0, nan_neg, -2.0, np.inf, nan_max, 0.0, -0.0, -np.inf, 3.0, -1.0],
+        [-1.0, -2.0, 0.5, -3.0, -0.0, -4.0, -5.0, -6.0, -7.0, -8.0],  # one positive
+        [2.0, 1.0, 3.0, -1.0, 4.0, -2.0, -3.0, -4.0, -5.0, -6.0],  # k = 4 positives
+        [nan_neg, nan_neg, nan_neg, -1.0, nan_neg, nan_neg, nan_neg, nan_neg, nan_neg, 0.5],
+        [-1.5] * 10,
+        [-np.inf] * 9 + [nan_neg],
+    ], np.float32)
+    config = select_config(select, 4)
+    for k in (1, 4, 7, 10):
+        x = jnp.asarray(rows)
+        np.testing.assert_array_equal(top_k_mask(x, k, backend=backend, config=config),
+                                      top_k_mask(x, k, backend="xla"), err_msg=f"k={k}")
+        np.testing.assert_array_equal(top_k_relu(x, k, backend=backend, config=config),
+                                      top_k_relu(x, k, backend="xla"), err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK[1:])
+@pytest.mark.parametrize("n, k", [(8192, 1152), (20000, 3000)])
+def test_selections_of_long_rows_equal_lax_top_k(backend, select, n, k, rng_seed):
+    """AuxK-sized rows (8192 columns: held in registers by 8 warps unless radix) and rows
+    past the default resident size (20000 columns: the radix select either way)."""
+    rng = np.random.default_rng(rng_seed)
+    x = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+    config = TopKConfig(resident=16384 if select == "resident" else 0)
+    np.testing.assert_array_equal(top_k_mask(x, k, backend=backend, config=config),
+                                  top_k_mask(x, k, backend="xla"))
+    np.testing.assert_array_equal(top_k_relu(x, k, backend=backend, config=config),
+                                  top_k_relu(x, k, backend="xla"))
+
+
+@pytest.mark.parametrize("backend, select", BACKENDS_FOR_MASK)
+def test_top_k_relu_has_a_forward_mode_derivative(backend, select, rng_seed):
     rng = np.random.default_rng(rng_seed)
     x, dx = (jnp.asarray(rng.normal(size=(2, 40)), jnp.float32) for _ in range(2))
-    config = TopKConfig(block=16) if backend != "xla" else None
+    config = select_config(select, 16)
     out, tangent = jax.jvp(lambda x: top_k_relu(x, 9, backend=backend, config=config), (x,),
                            (dx,))
     np.testing.assert_array_equal(tangent, np.where(np.asarray(out) > 0, dx, 0.0))

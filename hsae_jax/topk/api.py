@@ -165,8 +165,9 @@ def top_k_mask(
     """[B, F] bool: the entries :func:`top_k` selects (each row's k largest, ties to the
     lower column, float total order), without sorting them.
 
-    On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key by
-    a radix select (four histogram passes over the row, any k), and XLA marks the entries
+    On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key (by
+    bisection in registers for rows of at most ``config.resident`` columns, else a radix
+    select: four histogram passes over the row; any k), and XLA marks the entries
     above it plus the first ties (a cumsum over the rows only when some row must leave
     ties out); on ``"xla"`` / ``"reference"`` it is ``lax.top_k`` and a
     scatter. Not differentiable (it is a selection).
@@ -188,8 +189,7 @@ def top_k_mask(
 
     kth, ties = launch(kernels.topk_kth_key_kernel, x,
                        out_shape=[jax.ShapeDtypeStruct((b,), jnp.int32)] * 2, grid=(b,),
-                       backend=concrete, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       F=f, K=k, BLOCK=min(cfg.block, _shapes.next_power_of_2(f)))
+                       backend=concrete, F=f, K=k, **cfg.select_launch(f))
     keys = _ordered_keys(x)
     above = keys > kth[:, None]
     equal = keys == kth[:, None]
@@ -213,8 +213,8 @@ def top_k_relu(
     """[B, F] in x.dtype: ``relu(x)`` at the entries :func:`top_k_mask` selects (each row's
     k largest, ties to the lower column), 0 elsewhere (AuxK's activations).
 
-    On the kernel backends one launch (``topk_relu_kernel``: the radix select, then one
-    pass that writes the row) replaces the mask, its tie count and the selects that apply
+    On the kernel backends one launch (``topk_relu_kernel``: the select of
+    :func:`top_k_mask`'s kernel, then the row written) replaces the mask, its tie count and the selects that apply
     it; on ``"xla"`` / ``"reference"`` it is ``where(top_k_mask(x, k), relu(x), 0)``.
     Differentiable in ``x`` (forward and reverse mode): the gradient passes where the
     output is positive (the kept entries above 0), as the definition's does.
@@ -245,9 +245,7 @@ class _KernelTopKReLU:
         b, f = x.shape
         (out,) = launch(kernels.topk_relu_kernel, jax.lax.stop_gradient(x),
                         out_shape=[jax.ShapeDtypeStruct((b, f), x.dtype)], grid=(b,),
-                        backend=self.backend, num_warps=self.config.num_warps,
-                        num_stages=self.config.num_stages, F=f, K=self.k,
-                        BLOCK=min(self.config.block, _shapes.next_power_of_2(f)))
+                        backend=self.backend, F=f, K=self.k, **self.config.select_launch(f))
         return out
 
 

@@ -31,6 +31,11 @@ class TopKConfig:
       candidates: entries a row may keep for the final sort (at most 32768); a row with
         more entries above the bound narrows it by bisection (exact, slower).
       block: columns a program reads per step (raised to ``groups``).
+    Selections without a sort (``top_k_mask``, ``top_k_relu``):
+      resident: rows of at most this many columns (rounded up to a power of two) are held
+        in registers by one program and selected there (one read); longer rows, or 0, use
+        the radix select that reads the row five times. The program has
+        ``select_warps`` warps: 32 columns per thread, 4 to 16 warps.
     Bitonic method:
       chunk: columns a program of the first stage reduces (raised to next_pow2(k));
         None: 4096, or fewer for short rows.
@@ -45,6 +50,7 @@ class TopKConfig:
     group: int = 4096
     num_warps: int | None = None
     num_stages: int = 1
+    resident: int = 16384
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -52,6 +58,8 @@ class TopKConfig:
         _shapes.check_power_of_two("TopKConfig", groups=self.groups,
                                    candidates=self.candidates, block=self.block,
                                    chunk=self.chunk, group=self.group)
+        if self.resident < 0:
+            raise ValueError(f"TopKConfig.resident={self.resident} must be >= 0")
         _shapes.check_positive("TopKConfig", num_warps=self.num_warps,
                                num_stages=self.num_stages)
 
@@ -76,3 +84,12 @@ class TopKConfig:
         return dataclasses.replace(
             self, method=method, groups=groups, candidates=candidates, block=block,
             chunk=chunk, group=max(self.group, 2 * k_pow2), num_warps=num_warps)
+
+    def select_launch(self, f: int) -> dict:
+        """The constexprs and warps of ``topk_kth_key_kernel`` / ``topk_relu_kernel`` for
+        rows of ``f`` columns (the resident select while next_pow2(f) <= ``resident``)."""
+        f_pow2 = _shapes.next_power_of_2(f)
+        resident = f_pow2 <= self.resident
+        warps = min(16, max(4, f_pow2 // (32 * 32))) if resident else self.num_warps
+        return dict(BLOCK=min(self.block, f_pow2), RESIDENT=resident, F_POW2=f_pow2,
+                    num_warps=warps, num_stages=self.num_stages)

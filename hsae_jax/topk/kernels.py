@@ -20,14 +20,18 @@ K_POW2 keys; ``topk_merge_kernel`` reduces groups of GROUP candidates the same w
 many rounds as needed); ``topk_final_kernel`` takes the last <= GROUP candidates of a
 row to its top K and unpacks values and indices.
 Selections without a sort (any K): ``topk_kth_key_kernel`` finds each row's K-th largest
-key by a radix select; ``topk_relu_kernel`` does the same and writes the row's top K
-through a ReLU, every other entry 0 (AuxK's activations), in one more pass.
+key, ``topk_relu_kernel`` too and writes the row's top K through a ReLU, every other entry
+0 (AuxK's activations). A row of at most ``TopKConfig.resident`` columns is read once and
+the key found by bisection in registers; a longer one by a radix select (four histogram
+passes over the row) and one more pass to write it.
 """
 
 import triton
 import triton.language as tl
 
 INT32_MIN = tl.constexpr(-2147483648)
+INT32_MAX = tl.constexpr(2147483647)
+NEG_INF_KEY = tl.constexpr(-2139095041)  # _ordered(-inf); NaNs of negative sign are below it
 INT64_MIN = tl.constexpr(-9223372036854775807 - 1)
 NO_UPPER_BOUND = tl.constexpr(2147483648)  # above every int32 key
 
@@ -275,6 +279,55 @@ def _kth_key(x_ptr, row, F: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _count_keys(keys, valid, bound):
+    """How many valid entries of register-resident ``keys`` are >= bound (an int32)."""
+    return tl.sum(((keys >= bound) & valid).to(tl.int32))
+
+
+@triton.jit
+def _kth_key_resident(keys, valid, K: tl.constexpr, RELU: tl.constexpr):
+    """:func:`_kth_key` of a row held in registers: ``keys`` [F_POW2] int32 ordered keys,
+    ``valid`` [F_POW2] the row's columns. Bisection on the key between the row's minimum
+    and maximum (one compare and one sum per round, no histogram), stopping early at a
+    bound with exactly K entries at or above it. RELU: a row with at most K positive
+    entries (and no NaN of negative sign, which would rank below every other value) returns
+    (0, 0), the key of +0.0: the entries above it are exactly what a ReLU of its top K keeps.
+    """
+    lo = tl.min(tl.where(valid, keys, INT32_MAX)).to(tl.int64)  # count(>= lo) >= K
+    hi = tl.max(tl.where(valid, keys, INT32_MIN)).to(tl.int64)  # the K-th key <= hi
+    exact = tl.zeros((), tl.int32)  # 1: count(>= lo) == K
+    if RELU:
+        if (_count_keys(keys, valid, 1) <= K) & (lo >= NEG_INF_KEY):
+            exact = exact + 2
+    while (lo < hi) & (exact == 0):
+        mid = lo + ((hi - lo + 1) >> 1)
+        n_mid = _count_keys(keys, valid, mid.to(tl.int32))
+        if n_mid >= K:
+            lo = mid
+            exact = (n_mid == K).to(tl.int32)
+        else:
+            hi = mid - 1
+    kth = lo.to(tl.int32)
+    if exact == 1:  # the K entries >= lo: the K-th is their least, all its equals among them
+        kth = tl.min(tl.where(valid & (keys >= kth), keys, INT32_MAX))
+    ties = K - tl.sum(((keys > kth) & valid).to(tl.int32))
+    if exact == 2:
+        kth = tl.zeros((), tl.int32)
+        ties = tl.zeros((), tl.int32)
+    return kth, ties
+
+
+@triton.jit
+def _resident_row(x_ptr, row, F: tl.constexpr, F_POW2: tl.constexpr):
+    """(columns, valid, values as loaded, their float32 ordered keys) of a whole row."""
+    columns = tl.arange(0, F_POW2)
+    valid = columns < F
+    x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
+    keys = tl.where(valid, _ordered(x.to(tl.float32)), INT32_MIN)
+    return columns, valid, x, keys
+
+
+@triton.jit
 def topk_kth_key_kernel(
     x_ptr,  # [B, F] float32 / bfloat16 / float16
     kth_ptr,  # [B] int32: the ordered key (_ordered) of each row's K-th largest value
@@ -282,17 +335,38 @@ def topk_kth_key_kernel(
     F: tl.constexpr,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
+    RESIDENT: tl.constexpr,  # the row (F_POW2 columns) is held in registers
+    F_POW2: tl.constexpr,
 ):
-    """Radix select: the K-th largest key of a row, 8 bits at a time from the top.
-
-    Each of four passes over the row counts, in a 256-bin histogram, the next 8 bits of
-    the keys that share the bits found so far, and takes the digit at which the count
-    from the top reaches K. No sort and no candidate buffer: any K <= F.
+    """The K-th largest key of a row. RESIDENT: one read, then bisection in registers
+    (``_kth_key_resident``); else a radix select, 8 bits at a time from the top: each of
+    four passes over the row counts, in a 256-bin histogram, the next 8 bits of the keys
+    that share the bits found so far, and takes the digit at which the count from the top
+    reaches K. No sort and no candidate buffer: any K <= F.
     """
     row = tl.program_id(axis=0).to(tl.int64)
-    kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
+    if RESIDENT:
+        _, valid, _, keys = _resident_row(x_ptr, row, F, F_POW2)
+        kth, ties = _kth_key_resident(keys, valid, K, False)
+    else:
+        kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
     tl.store(kth_ptr + row, kth)
     tl.store(ties_ptr + row, ties)
+
+
+@triton.jit
+def _store_relu(out_ptr, row, columns, valid, x, keys, kth, ties, taken, F: tl.constexpr):
+    """Writes relu(x) where a key is above kth or is among the first ``ties`` - ``taken``
+    entries equal to it (column order), 0 elsewhere; returns ``taken`` plus this tile's
+    entries equal to kth."""
+    value = x.to(tl.float32)  # (the interpreter compares bfloat16 by its bits)
+    equal = valid & (keys == kth)
+    rank = taken + tl.cumsum(equal.to(tl.int32), axis=0)  # 1-based among the ties
+    chosen = valid & ((keys > kth) | (equal & (rank <= ties)))
+    # NaN stays NaN, as through jax.nn.relu
+    relu = tl.where(value > 0, value, tl.where(value == value, 0.0, value))
+    tl.store(out_ptr + row * F + columns, tl.where(chosen, relu, 0.0).to(x.dtype), mask=valid)
+    return taken + tl.sum(equal.to(tl.int32))
 
 
 @triton.jit
@@ -302,26 +376,26 @@ def topk_relu_kernel(
     F: tl.constexpr,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
+    RESIDENT: tl.constexpr,  # the row (F_POW2 columns) is held in registers
+    F_POW2: tl.constexpr,
 ):
     """Each row's K largest entries (ties to the lower column, float total order) kept
-    through a ReLU, every other entry 0: the radix select of ``_kth_key`` (four passes
-    over the row, which stays in L2), then one pass that writes the row, counting the
-    entries equal to the K-th value in column order so that only the first ``ties`` of
-    them are kept."""
+    through a ReLU, every other entry 0. RESIDENT: the row is read once and selected in
+    registers (``_kth_key_resident``, which skips the search for a row with at most K
+    positive entries); else the radix select of ``_kth_key`` (four passes over the row,
+    which stays in L2), then one pass that writes the row. The entries equal to the K-th
+    value are counted in column order so that only the first ``ties`` of them are kept."""
     row = tl.program_id(axis=0).to(tl.int64)
-    kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
-    taken = tl.zeros((), dtype=tl.int32)  # entries equal to kth kept so far
-    for start in tl.range(0, F, BLOCK):
-        columns = start + tl.arange(0, BLOCK)
-        valid = columns < F
-        x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
-        value = x.to(tl.float32)  # (the interpreter compares bfloat16 by its bits)
-        keys = _ordered(value)
-        equal = valid & (keys == kth)
-        rank = taken + tl.cumsum(equal.to(tl.int32), axis=0)  # 1-based among the ties
-        chosen = valid & ((keys > kth) | (equal & (rank <= ties)))
-        taken += tl.sum(equal.to(tl.int32))
-        # NaN stays NaN, as through jax.nn.relu
-        relu = tl.where(value > 0, value, tl.where(value == value, 0.0, value))
-        tl.store(out_ptr + row * F + columns, tl.where(chosen, relu, 0.0).to(x.dtype),
-                 mask=valid)
+    if RESIDENT:
+        columns, valid, x, keys = _resident_row(x_ptr, row, F, F_POW2)
+        kth, ties = _kth_key_resident(keys, valid, K, True)
+        _store_relu(out_ptr, row, columns, valid, x, keys, kth, ties, 0, F)
+    else:
+        kth, ties = _kth_key(x_ptr, row, F, K, BLOCK)
+        taken = tl.zeros((), dtype=tl.int32)  # entries equal to kth kept so far
+        for start in tl.range(0, F, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            valid = columns < F
+            x = tl.load(x_ptr + row * F + columns, mask=valid, other=0.0)
+            keys = _ordered(x.to(tl.float32))
+            taken = _store_relu(out_ptr, row, columns, valid, x, keys, kth, ties, taken, F)
