@@ -81,17 +81,16 @@ def main() -> None:
                                                          kernels)))
             timed("auxk reference fwd+bwd", ref, params, dead=fraction)
             pre = jax.random.normal(key, (b, bucket), jnp.float32)
-            aux_k = cfg.resolved_aux_k
             negative = -jnp.abs(pre)  # no positive entry: the ReLU needs no search
             for select, resident in (("in registers", TopKConfig().resident),
                                      ("radix", 0)):
                 config = TopKConfig(resident=resident)
                 timed(f"top-k mask, {select}", jax.jit(lambda p, c=config: top_k_mask(
-                    p, aux_k, config=c)), pre, columns=bucket)
+                    p, cfg.resolved_aux_k, config=c)), pre, columns=bucket)
                 timed(f"top-k relu, {select}", jax.jit(lambda p, c=config: top_k_relu(
-                    p, aux_k, config=c)), pre, columns=bucket)
+                    p, cfg.resolved_aux_k, config=c)), pre, columns=bucket)
                 timed(f"top-k relu, {select}, every entry negative", jax.jit(
-                    lambda p, c=config: top_k_relu(p, aux_k, config=c)), negative,
+                    lambda p, c=config: top_k_relu(p, cfg.resolved_aux_k, config=c)), negative,
                     columns=bucket)
             w = params["W_enc"][:bucket]
             timed("dead-column matmul", jax.jit(lambda a, w: a @ w.T), xs, w, columns=bucket)

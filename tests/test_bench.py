@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hsae_jax.cli import main
 
 
@@ -124,6 +126,7 @@ def test_loss_floor_kernels_do_what_the_table_says():
     np.testing.assert_allclose(dw, scattered, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 70 s; the sharded = replicated step: tests/test_sharded_auxk.py
 def test_shard_benchmark_smoke(tmp_path):
     """benchmarks/shard_h200.py at a CPU size: the one-device sharded step against the
     replicated one (no, 10% and every latent dead), and the largest-F search (attempts in
@@ -248,6 +251,7 @@ def test_step_profile_on_a_mesh_shows_the_gradient_mean_over_data(tmp_path):
     assert pieces.get("decoder loss", 0) > 0, pieces
 
 
+@pytest.mark.slow  # 110 s; meshes = one device: tests/test_parallel.py
 def test_multi_gpu_benchmark_smoke(tmp_path):
     """benchmarks/multi_gpu.py on 2 CPU devices: meshes (2,1) and (1,2) train like one
     device (every step's loss, grad norm and other metrics and the FVU per k at rtol 1e-5:

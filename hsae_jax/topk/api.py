@@ -214,8 +214,9 @@ def top_k_relu(
     k largest, ties to the lower column), 0 elsewhere (AuxK's activations).
 
     On the kernel backends one launch (``topk_relu_kernel``: the select of
-    :func:`top_k_mask`'s kernel, then the row written) replaces the mask, its tie count and the selects that apply
-    it; on ``"xla"`` / ``"reference"`` it is ``where(top_k_mask(x, k), relu(x), 0)``.
+    :func:`top_k_mask`'s kernel, then the row written) replaces the mask, its tie count and
+    the selects that apply it; on ``"xla"`` / ``"reference"`` it is
+    ``where(top_k_mask(x, k), relu(x), 0)``.
     Differentiable in ``x`` (forward and reverse mode): the gradient passes where the
     output is positive (the kept entries above 0), as the definition's does.
     """
