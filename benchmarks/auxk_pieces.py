@@ -82,7 +82,7 @@ def main() -> None:
             timed("auxk reference fwd+bwd", ref, params, dead=fraction)
             pre = jax.random.normal(key, (b, bucket), jnp.float32)
             negative = -jnp.abs(pre)  # no positive entry: the ReLU needs no search
-            for select, resident in (("in registers", TopKConfig().resident),
+            for select, resident in (("in registers", 16384),
                                      ("radix", 0)):
                 config = TopKConfig(resident=resident)
                 timed(f"top-k mask, {select}", jax.jit(lambda p, c=config: top_k_mask(

@@ -120,6 +120,8 @@ def test_bad_arguments_are_rejected(x, k, error, message):
     (dict(method="radix"), "TopKConfig.method='radix' must be one of"),
     (dict(groups=0), "TopKConfig.groups=0 must be a power of two"),
     (dict(num_warps=0), "TopKConfig.num_warps=0 must be an int >= 1"),
+    (dict(resident=-1), r"TopKConfig.resident=-1 must be in \[0, 32768\]"),
+    (dict(resident=65536), r"TopKConfig.resident=65536 must be in \[0, 32768\]"),
 ])
 def test_bad_config_is_rejected_when_made(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -133,6 +135,14 @@ def test_bad_config_is_rejected_when_made(settings, message):
 def test_config_beyond_the_kernels_limits_is_rejected_before_launch(config, message):
     with pytest.raises(ValueError, match=message):
         top_k(jnp.ones((2, 100)), 4, backend=KERNEL_BACKEND, config=config)
+
+
+@pytest.mark.parametrize("f, resident, warps", [
+    (300, 16384, 4), (8192, 16384, 8), (16384, 16384, 16), (16385, 16384, 4), (8192, 0, 4)])
+def test_the_resident_select_holds_32_columns_a_thread(f, resident, warps):
+    launch = TopKConfig(resident=resident).resolve(f, 64).select_launch(f)
+    assert launch["RESIDENT"] == (f <= resident)
+    assert launch["num_warps"] == warps and launch["F_POW2"] >= f
 
 
 def test_a_kernel_config_does_not_configure_xla():

@@ -165,9 +165,9 @@ def top_k_mask(
     """[B, F] bool: the entries :func:`top_k` selects (each row's k largest, ties to the
     lower column, float total order), without sorting them.
 
-    On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key (by
-    bisection in registers for rows of at most ``config.resident`` columns, else a radix
-    select: four histogram passes over the row; any k), and XLA marks the entries
+    On the kernel backends ``topk_kth_key_kernel`` finds each row's k-th largest key (a radix
+    select: four histogram passes over the row, or, for rows of at most
+    ``config.resident`` columns, bisection in registers; any k), and XLA marks the entries
     above it plus the first ties (a cumsum over the rows only when some row must leave
     ties out); on ``"xla"`` / ``"reference"`` it is ``lax.top_k`` and a
     scatter. Not differentiable (it is a selection).

@@ -10,6 +10,8 @@ METHODS = ("auto", "threshold", "bitonic")
 # "auto" uses the threshold method while its candidate buffer stays this small; beyond
 # that the final sort would not fit in one program's registers and bitonic merging wins.
 MAX_AUTO_CANDIDATES = 2048
+# the longest row a resident select holds: 64 columns per thread of 16 warps
+MAX_RESIDENT = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +35,12 @@ class TopKConfig:
       block: columns a program reads per step (raised to ``groups``).
     Selections without a sort (``top_k_mask``, ``top_k_relu``):
       resident: rows of at most this many columns (rounded up to a power of two) are held
-        in registers by one program and selected there (one read); longer rows, or 0, use
-        the radix select that reads the row five times. The program has
-        ``select_warps`` warps: 32 columns per thread, 4 to 16 warps.
+        in registers by one program and selected there (one read, bisection on the key);
+        longer rows, or 0 (the default), use the radix select that reads the row five
+        times. The resident program has 32 columns per thread (4 to 16 warps). It is
+        tested through Triton's interpreter (both paths, every test of the selections)
+        but has not yet run compiled on a GPU (no device time in the session that wrote
+        it): hence off by default; ``TopKConfig(resident=16384)`` turns it on.
     Bitonic method:
       chunk: columns a program of the first stage reduces (raised to next_pow2(k));
         None: 4096, or fewer for short rows.
@@ -50,7 +55,7 @@ class TopKConfig:
     group: int = 4096
     num_warps: int | None = None
     num_stages: int = 1
-    resident: int = 16384
+    resident: int = 0  # opt-in (e.g. 16384) until a GPU has run it: see the docstring
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,8 +63,9 @@ class TopKConfig:
         _shapes.check_power_of_two("TopKConfig", groups=self.groups,
                                    candidates=self.candidates, block=self.block,
                                    chunk=self.chunk, group=self.group)
-        if self.resident < 0:
-            raise ValueError(f"TopKConfig.resident={self.resident} must be >= 0")
+        if not 0 <= self.resident <= MAX_RESIDENT:
+            raise ValueError(f"TopKConfig.resident={self.resident} must be in "
+                             f"[0, {MAX_RESIDENT}] (a row in one program's registers)")
         _shapes.check_positive("TopKConfig", num_warps=self.num_warps,
                                num_stages=self.num_stages)
 
