@@ -15,6 +15,7 @@ from hsae_jax.auxk import (
     auxk_loss,
     auxk_loss_and_add_grads,
     auxk_loss_reference,
+    bucket_index,
     column_buckets,
 )
 from hsae_jax.model import encode_arrays, init_arrays, sae_loss, sae_loss_and_grads, scale_inputs
@@ -201,6 +202,15 @@ def test_buckets_hold_any_number_of_dead_latents():
     assert column_buckets(65536, 0.25) == (1024, 2048, 4096, 8192, 16384)
     assert column_buckets(65536, 0.25, (64, 16, 4, 1)) == (1024, 4096, 16384)
     assert column_buckets(65536, 1 / 64) == (1024,)
+
+
+def test_a_count_of_dead_latents_picks_the_smallest_bucket_that_holds_it():
+    buckets = column_buckets(65536)
+    counts = [0, 1, 1023, 1024, 1025, 6553, 8192, 8193, 65535, 65536, 65537, 100000]
+    got = [int(bucket_index(buckets, jnp.int32(c))) for c in counts]
+    assert got == [0, 1, 1, 1, 2, 4, 4, 5, 7, 7, 8, 8]  # 8: beyond the largest (clamped)
+    for c, i in zip(counts[1:], got[1:], strict=True):  # as jnp.searchsorted would say
+        assert i == 1 + int(jnp.searchsorted(jnp.asarray(buckets), c))
 
 
 def test_a_capped_auxk_uses_the_lowest_numbered_dead_latents(rng_seed):

@@ -43,6 +43,7 @@ from hsae_jax.auxk import (
     BUCKET_DIVISORS,
     ROW_PARAMS,
     auxk_dot,
+    bucket_index,
     column_buckets,
     dead_preactivations,
     distinct_padding,
@@ -208,8 +209,7 @@ def _branch(cfg, axes: Axes, dead):
     num_dead = axes.psum_model(local)
     most = axes.pmax_model(local)  # the same bucket on every device of the axis
     buckets = column_buckets(dead.shape[0], cfg.auxk_max_fraction, bucket_divisors(axes))
-    which = jnp.where(num_dead > 0, 1 + jnp.searchsorted(jnp.asarray(buckets), most), 0)
-    return num_dead, buckets, which
+    return num_dead, buckets, bucket_index(buckets, most)
 
 
 def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
