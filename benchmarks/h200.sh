@@ -33,6 +33,8 @@
 #   profile-mesh the same on 2 GPUs, K=64: mesh data=2 (4096 rows each) and model=2
 #   profile-blocks the step with the low-memory options at F = 2^19, K = 64: the update
 #                whole (--update-blocks 0) and in 64 blocks
+#   hlo          benchmarks/step_hlo.py: the compiled step's host round trips (conds) and big
+#                copies / converts / transposes: K=128 fp32 and bf16, K=64 with 10% dead
 #   plan         hsae plan --compile at F = 2^18, 2^19, 2^20 (XLA's memory beside the estimate)
 #   "pytest:ARGS" pytest with ARGS (separated by ';'), e.g. "pytest:-m;gpu;-k;a or b;tests"
 #   "bench:ARGS"  hsae bench with ARGS (separated by ';')
@@ -123,6 +125,10 @@ for step in "$@"; do
         read -r k dtype dead <<<"$spec"
         python3 benchmarks/profile_step.py --k "$k" --compute-dtype "$dtype" --dead "$dead" \
           --out "$OUT/profile_k${k}_${dtype}_dead${dead}.json"; done 2>&1 | tee "$OUT/profile.log" ;;
+    hlo) for spec in "128 float32 0" "128 bfloat16 0" "64 float32 0.1"; do
+        read -r k dtype dead <<<"$spec"
+        python3 benchmarks/step_hlo.py --k "$k" --compute-dtype "$dtype" --dead "$dead" \
+          --out "$OUT/step_hlo_k${k}_${dtype}_dead${dead}.json"; done 2>&1 | tee "$OUT/step_hlo.log" ;;
     pytest:*) IFS=';' read -ra a <<<"${step#pytest:}"
       python3 -m pytest -q -p no:cacheprovider "${a[@]}" 2>&1 | tee -a "$OUT/pytest.log" ;;
     bench:*) IFS=';' read -ra a <<<"${step#bench:}"

@@ -165,11 +165,11 @@ def _leaves(events: list[dict]) -> list[dict]:
     return leaves
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def build(args):
+    """(trainer step, its batch x, rows a step, devices, the ``hsae train`` settings beyond
+    the shapes) for the parsed ``args``."""
     shards, model = (MeshShape.parse(args.mesh).resolve(jax.device_count()) if args.mesh
                      else (1, 1))
-    devices = shards * model
     batch = args.batch * shards  # rows in all
     settings = dict(LOW_MEMORY) if args.low_memory else {}
     if args.low_memory:
@@ -180,6 +180,12 @@ def main(argv=None) -> int:
     trainer = trainer_step(batch, args.n_latents, args.d_model, args.k,
                            args.compute_dtype, args.dead, args.backend, args.mesh, **settings)
     x = trainer.put(jax.random.normal(jax.random.key(2), (batch, args.d_model), jnp.float32))
+    return trainer, x, batch, shards * model, settings
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    trainer, x, batch, devices, settings = build(args)
     compiled = trainer.step.lower(*trainer.state, x).compile()
     hlo = compiled.as_text()
     analysis = compiled.memory_analysis()

@@ -3,6 +3,7 @@ from the same code on an H200: benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -64,6 +65,34 @@ def test_trainer_loop_benchmark_smoke(tmp_path):
         assert runs[name]["auxk_loss"] > 0
     assert runs["dead-no-auxk"]["auxk_loss"] == 0
     assert (tmp_path / "work" / "cache-float16" / "manifest.json").exists()
+
+
+def test_trainer_loop_runs_are_named_by_what_they_change():
+    from hsae_jax.bench.train import TrainBenchSettings, run_settings
+    from hsae_jax.train import TrainConfig
+
+    s = TrainBenchSettings.tiny()
+    paths = {"npy-float16": "/data/x.npy"}
+
+    def config(name):
+        flat, dead = run_settings(s, name, paths)
+        tc = TrainConfig.from_flat(**flat)
+        return tc, tc.sae, dead
+
+    _, default, _ = config("synthetic")
+    assert default.auxk_coef > 0 and default.auxk_max_fraction == 1
+    _, cfg, dead = config("synthetic-no-auxk")  # no AuxK in the step at all
+    assert (cfg.auxk_coef, dead) == (0.0, False)
+    _, cfg, dead = config("synthetic-no-scores")  # AuxK on, the scores not kept
+    assert (cfg.auxk_coef, cfg.auxk_max_fraction, dead) == (default.auxk_coef, 0.25, False)
+    tc, cfg, dead = config("npy-float16-dead-auxk-bf16")
+    assert (tc.data, cfg.auxk_dtype, cfg.auxk_coef, dead) == (
+        "/data/x.npy", "bfloat16", 1 / 32, True)
+    assert config("dead-no-auxk")[1].auxk_coef == 0.0
+    assert config("synthetic")[0].data is None
+    for bad in ("synthetic-bf16", "dead-auxk-fp8", "npy-float64"):
+        with pytest.raises(ValueError, match=f"--runs: unknown run '{bad}'"):
+            run_settings(s, bad, paths)
 
 
 def test_benchmark_reporting_does_not_import_triton():
@@ -196,6 +225,35 @@ def test_step_profile_puts_the_device_time_in_the_steps_pieces(tmp_path):
     assert profile.piece_of("jit(step)/auxk/cond/branch_1_fun/jvp()/top_k") == "AuxK"
     assert profile.piece_of("jit(step)/jvp(encoder)/top_k/top_k") == "top-k"
     assert profile.piece_of(None) == "other (glue)"
+
+
+def test_step_hlo_lists_the_steps_host_round_trips_and_big_copies(tmp_path):
+    """benchmarks/step_hlo.py: the compiled step's conds (AuxK's one per bucket, the
+    optimizer's skip-if-not-finite) and the copies outside fusions, by piece."""
+    from hsae_jax.auxk import column_buckets
+
+    hlo = _load_benchmark("step_hlo")
+    out = tmp_path / "hlo.json"
+    assert hlo.main(["--tiny", "--dead", "0.1", "--backend", "xla", "--min-mb", "0",
+                     "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    trips = collections.Counter((r["op"], r["piece"]) for r in payload["round_trips"])
+    assert trips[("conditional", "AuxK")] == len(column_buckets(256))  # --tiny: F = 256
+    assert trips[("conditional", "optimizer tail")] >= 1
+    assert payload["glue"] and all(g["op"] in hlo.GLUE and g["mb"] >= 0 for g in payload["glue"])
+    assert not [g for g in payload["glue"] if g["computation"].startswith("fused_")]
+    assert hlo.array_bytes("bf16[8,4]{1,0}") == 64 and hlo.array_bytes("(f32[], s32[])") == 0
+    assert hlo._glue_op("fusion", "wrapped_convert.3") == "convert"
+    assert hlo._glue_op("fusion", "loop_transpose_fusion") == "transpose"
+    assert hlo._glue_op("fusion", "loop_select_fusion.2") is None
+    text = """HloModule m
+ENTRY %main (p: f32[4]) -> (f32[4], f32[4]) {
+  %w = (s32[], f32[4]) while(%t), body=%b, backend_config={"known_trip_count":{"n":"3"}}
+  %v = (s32[], f32[4]) while(%t), condition=%c, body=%b
+  ROOT %r = (f32[4], f32[4]) conditional(%p, %a, %a), branch_computations={%x, %y}
+}
+"""
+    assert [r["name"] for r in hlo.report(text, 0)["round_trips"]] == ["v", "r"]
 
 
 def test_step_profile_lists_the_device_time_its_pieces_leave_out(tmp_path):

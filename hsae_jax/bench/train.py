@@ -47,7 +47,12 @@ from hsae_jax.train import TrainConfig, resume, train
 RUNS = ("synthetic", "npy-float32", "npy-float16", "cache-float16", "dead-auxk",
         "dead-no-auxk", "npy-float16-dead-auxk")
 # more runs by name: a "-bf16" suffix on a dead-auxk run puts AuxK's matmuls on bfloat16
-# operands (--auxk-dtype bfloat16), e.g. "dead-auxk-bf16", "npy-float16-dead-auxk-bf16"
+# operands (--auxk-dtype bfloat16), e.g. "dead-auxk-bf16", "npy-float16-dead-auxk-bf16";
+# what AuxK costs while no latent is dead, beside "synthetic" (AuxK on, its [B, F] scores
+# kept, nothing dead): "synthetic-no-auxk" (--auxk-coef 0: no AuxK in the step) and
+# "synthetic-no-scores" (--auxk-max-fraction 0.25: AuxK on, its columns computed, not kept)
+IDLE_AUXK_RUNS = {"synthetic-no-auxk": {"auxk_coef": 0.0},
+                  "synthetic-no-scores": {"auxk_max_fraction": 0.25}}
 DEAD_SCALE = 0.1  # shrinks a latent's pre-activations out of every token's top K
 
 
@@ -190,23 +195,39 @@ def steady_tokens_per_s(run_dir: str, after: int = 0) -> dict:
             "auxk_loss": logs[-1]["auxk_loss"], "skipped_steps": logs[-1]["skipped_steps"]}
 
 
+def run_settings(s: TrainBenchSettings, name: str, paths: dict[str, str]
+                 ) -> tuple[dict, bool]:
+    """(``hsae train`` settings, whether latents are killed) of the run ``name`` (one of
+    :data:`RUNS`, :data:`IDLE_AUXK_RUNS`, or a dead-auxk run with "-bf16"); ``paths``: the
+    data files by name (:func:`write_data`)."""
+    flat = _common(s)
+    base, bf16 = (name[:-len("-bf16")], True) if name.endswith("-bf16") else (name, False)
+    if base in IDLE_AUXK_RUNS:
+        return {**flat, **IDLE_AUXK_RUNS[base]}, False
+    if base not in RUNS or (bf16 and not base.endswith("dead-auxk")):
+        raise ValueError(f"--runs: unknown run {name!r}; runs: {', '.join(RUNS)}, "
+                         f"{', '.join(IDLE_AUXK_RUNS)}, or a dead-auxk run with -bf16")
+    data = base.replace("-dead-auxk", "")
+    if data in paths:
+        flat.update(data=paths[data], eval_fraction=0.01)
+    dead = "dead" in name
+    if dead:
+        flat.update(dead_tokens=s.dead_tokens, warmup_steps=1,  # the 1-step run takes it
+                    auxk_coef=0.0 if base.endswith("no-auxk") else 1.0 / 32.0)
+    if bf16:
+        flat.update(auxk_dtype="bfloat16")
+    return flat, dead
+
+
 def run(settings: TrainBenchSettings, log=print) -> dict:
     s = settings
+    for name in s.runs:  # an unknown name fails here, before any data is written
+        run_settings(s, name, {})
     log(f"trainer loop: B={s.batch} F={s.n_latents} D={s.d_model} K={s.k}, {s.steps} steps")
     paths = write_data(s, log) if any(r.startswith(("npy", "cache")) for r in s.runs) else {}
     rows = []
     for name in s.runs:
-        flat = _common(s)
-        base, bf16 = (name[:-len("-bf16")], True) if name.endswith("-bf16") else (name, False)
-        data = base.replace("-dead-auxk", "")
-        if data in paths:
-            flat.update(data=paths[data], eval_fraction=0.01)
-        dead = "dead" in name
-        if dead:
-            flat.update(dead_tokens=s.dead_tokens, warmup_steps=1,  # the 1-step run takes it
-                        auxk_coef=0.0 if base.endswith("no-auxk") else 1.0 / 32.0)
-        if bf16:
-            flat.update(auxk_dtype="bfloat16")
+        flat, dead = run_settings(s, name, paths)
         run_dir = os.path.join(s.work_dir, f"run-{name}")
         if os.path.exists(run_dir):
             import shutil
