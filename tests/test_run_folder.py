@@ -291,8 +291,16 @@ def test_two_processes_never_share_a_run_folder(tmp_path):
     settings = flags(**{**SMALL, "steps": 10**6, "save_every": 5, "eval_every": 10**6,
                         "log_every": 10**6})
     hsae = os.path.join(os.path.dirname(sys.executable), "hsae")
-    first = subprocess.Popen([hsae, "train", "--no-progress", "--out", str(out), *settings],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT at its default whatever this process inherited (a shell that
+    # starts a command with `&` hands it SIGINT ignored, and children keep that across
+    # exec: Ctrl-C could not reach the run); PYTHONFAULTHANDLER: a first run that does not
+    # stop is made to print where its threads are (SIGABRT) before the test fails
+    interruptible = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                     "os.execv(sys.argv[1], sys.argv[1:])")
+    first = subprocess.Popen([sys.executable, "-c", interruptible, hsae, "train",
+                              "--no-progress", "--out", str(out), *settings],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         lock_file = out / LOCK_NAME
         deadline = time.time() + 240
@@ -311,7 +319,14 @@ def test_two_processes_never_share_a_run_folder(tmp_path):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
         first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=120) == 130
+        try:
+            first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.send_signal(signal.SIGABRT)
+            first.wait()
+            pytest.fail("the first run did not stop within 120 s of SIGINT; its threads:\n"
+                        + first.stderr.read()[-6000:])
+        assert first.returncode == 130
         assert first.stderr.read() == "hsae train: interrupted\n"
     finally:
         if first.poll() is None:
