@@ -183,6 +183,21 @@ def build(args):
     return trainer, x, batch, shards * model, settings
 
 
+def describe(args, trainer, batch: int) -> str:
+    """One line naming the step :func:`build` made."""
+    return (f"trainer step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k} "
+            f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
+            f"{trainer.tc.kernels().backend}, mesh {args.mesh or 'one device'} "
+            f"({batch} rows a step)")
+
+
+def workload(args, batch: int, devices: int, settings: dict) -> dict:
+    """The JSON "workload" of the step :func:`build` made."""
+    return dict(batch=args.batch, n_latents=args.n_latents, d_model=args.d_model, k=args.k,
+                compute_dtype=args.compute_dtype, dead=args.dead, mesh=args.mesh,
+                devices=devices, rows_per_step=batch, settings=settings)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     trainer, x, batch, devices, settings = build(args)
@@ -219,10 +234,8 @@ def main(argv=None) -> int:
     ops = [{"op": op, "piece": piece_of(scopes.get(op)), "ms_per_step": us / per_step,
             "calls_per_step": counts[op] / args.steps / devices, "op_name": scopes.get(op, "")}
            for op, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]]
-    print(f"trainer step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k} "
-          f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
-          f"{trainer.tc.kernels().backend}, mesh {args.mesh or 'one device'} "
-          f"({batch} rows a step); {args.steps} steps traced; device times per device")
+    print(f"{describe(args, trainer, batch)}; {args.steps} steps traced; device times per "
+          "device")
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9
              for d in jax.local_devices()[:devices]]
     print(f"step wall time {timing['median_ms']:.3f} ms (median of {args.steps}); traced "
@@ -246,10 +259,7 @@ def main(argv=None) -> int:
                                                   ("ms_per_step", "ms / step", ".3f")]))
     atomic_write_json(args.out, {
         "benchmark": "profile_step", "device": common.device_info(),
-        "workload": dict(batch=args.batch, n_latents=args.n_latents, d_model=args.d_model,
-                         k=args.k, compute_dtype=args.compute_dtype, dead=args.dead,
-                         mesh=args.mesh, devices=devices, rows_per_step=batch,
-                         settings=settings),
+        "workload": workload(args, batch, devices, settings),
         "step_ms": timing["median_ms"], "traced_ms": traced_ms, "device_ms": device_ms,
         "xla_memory_gb": xla_gb, "peak_memory_gb": peaks,
         "pieces": rows, "ops": ops, "unattributed": missed_rows})

@@ -103,12 +103,11 @@ def report(hlo_text: str, min_bytes: int) -> dict:
             continue
         row = {"op": opcode, "name": name, "computation": computation,
                "op_name": scopes.get(name, ""), "piece": profile_step.piece_of(scopes.get(name))}
-        kind = _glue_op(opcode, name)
         if opcode in ROUND_TRIPS:
             if opcode == "while" and re.search(r'"known_trip_count":\{"n":"\d+"', line):
                 continue  # a loop XLA counts on the device: no predicate read a step
             round_trips.append(row)
-        elif kind and array_bytes(result_type) >= min_bytes:
+        elif (kind := _glue_op(opcode, name)) and array_bytes(result_type) >= min_bytes:
             glue.append({**row, "op": kind, "shape": result_type.split("{")[0],
                          "mb": array_bytes(result_type) / 1e6})
     return {"round_trips": round_trips, "glue": glue}
@@ -132,9 +131,7 @@ def main(argv=None) -> int:
     hlo = trainer.step.lower(*trainer.state, x).compile().as_text()
     min_mb = args.min_mb if args.min_mb is not None else args.n_latents * args.d_model / 1e6
     found = report(hlo, int(min_mb * 1e6))
-    print(f"trainer step: B={args.batch} F={args.n_latents} D={args.d_model} K={args.k} "
-          f"{args.compute_dtype}, {args.dead:.0%} dead, backend "
-          f"{trainer.tc.kernels().backend}, mesh {args.mesh or 'one device'}")
+    print(profile_step.describe(args, trainer, batch))
     print(f"host round trips in the plan: {len(found['round_trips'])} (conditionals, and "
           "loops without a known trip count); copies / converts / transposes of at least "
           f"{min_mb:.0f} MB: {len(found['glue'])}, "
@@ -149,11 +146,7 @@ def main(argv=None) -> int:
         ("computation", "in", "s"), ("piece", "piece", "s"),
         ("op_name", "op_name (end)", "s")]))
     payload = {"benchmark": "step_hlo", "device": common.device_info(),
-               "workload": {"batch": args.batch, "n_latents": args.n_latents,
-                            "d_model": args.d_model, "k": args.k,
-                            "compute_dtype": args.compute_dtype, "dead": args.dead,
-                            "mesh": args.mesh, "rows_per_step": batch, "devices": devices,
-                            "settings": settings},
+               "workload": profile_step.workload(args, batch, devices, settings),
                "min_mb": min_mb, **found}
     atomic_write_json(args.out, payload)
     print(f"\nwrote {args.out}")
