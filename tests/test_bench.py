@@ -371,3 +371,25 @@ def test_step_profile_of_the_update_in_blocks(tmp_path):
         assert settings["update_blocks"] == (int(blocks) or None)
         pieces = {r["piece"]: r["ms_per_step"] for r in payload["pieces"]}
         assert pieces.get("optimizer tail", 0) > 0, pieces
+
+
+def test_cond_cost_times_idle_conds_that_change_nothing(tmp_path):
+    """benchmarks/cond_cost.py: its idle conds leave the step's result bit-equal to the
+    step without them (only their cost differs), one table row per cond count."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    cond = _load_benchmark("cond_cost")
+    x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+    weight = jax.random.normal(jax.random.key(1), (32, 8), jnp.float32)
+    plain = np.asarray(jax.jit(lambda w: cond.step(0, w, x))(weight))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda w: cond.step(3, w, x))(weight)),
+                                  plain)
+    assert not np.array_equal(plain, np.asarray(weight))
+    out = tmp_path / "cond.json"
+    assert cond.main(["--batch", "16", "--d-model", "8", "--n-latents", "32", "--conds",
+                      "0,2", "--chain", "2", "--iters", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["conds"] for r in rows] == [0, 2] and rows[0]["ms_per_cond"] is None
+    assert rows[1]["ms_per_step"] > 0
