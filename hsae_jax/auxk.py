@@ -23,9 +23,11 @@ Two entry points:
 - :func:`auxk_loss`: the value, differentiable (for a model's ``loss``);
 - :func:`auxk_loss_and_add_grads`: what the trainer calls after the main gradients: the
   value, and ``auxk_coef`` times its gradient added in place to the dead latents' rows of
-  the gradients, inside two-way ``lax.cond``s (one switch would make XLA copy the [F, D]
-  gradients in every branch; :func:`loss_and_grads_in_bucket`), so a step with no dead
-  latent does nothing at all and one with some touches only their rows.
+  the gradients, in the bucket the caller names (the trainer's step: chosen on the host
+  from a bound on the dead count, no conditional) or else inside two-way ``lax.cond``s
+  (one switch would make XLA copy the [F, D] gradients in every branch;
+  :func:`loss_and_grads_in_bucket`), so a step with no dead latent does nothing at all and
+  one with some touches only their rows.
 ``auxk_loss_reference`` is the definition written plainly (the full encoder with the live
 latents masked off, then the TopK decoder loss); the tests check both against it.
 """
@@ -220,6 +222,14 @@ def bucket_index(buckets: tuple[int, ...], count: jax.Array) -> jax.Array:
     return jnp.where(count > 0, 1 + below, 0)
 
 
+def static_bucket_index(buckets: tuple[int, ...], count: int) -> int:
+    """:func:`bucket_index` on the host, clamped to the largest bucket: the static
+    ``bucket`` that holds ``count`` dead latents (0: none)."""
+    if count <= 0:
+        return 0
+    return min(1 + sum(1 for n in buckets if n < count), len(buckets))
+
+
 def _branch(dead, cfg):
     """(dead latents, :func:`bucket_index` of their count: 0 while none is dead, beyond
     the largest bucket the largest, ``lax.switch`` clamping)."""
@@ -244,17 +254,20 @@ def auxk_loss(cfg, params, xs, vals, indices, dead, kernels: KernelSettings) -> 
 
 
 def auxk_loss_and_add_grads(cfg, params, xs, vals, indices, dead, grads,
-                            kernels: KernelSettings):
+                            kernels: KernelSettings, bucket: int | None = None):
     """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient).
 
     Arguments as :func:`auxk_loss`; ``grads``: the gradients of the rest of the objective
     (a dict like ``params``). Only the dead latents' rows (and b_dec) change; with no dead
-    latent the gradients pass through untouched.
+    latent the gradients pass through untouched. ``bucket``: a static bucket index
+    (:func:`static_bucket_index` of a bound on the dead count) instead of the one the
+    device finds (:func:`loss_and_grads_in_bucket`).
     """
     num_dead, which = _branch(dead, cfg)
     buckets = column_buckets(cfg.n_latents, cfg.auxk_max_fraction)
     return loss_and_grads_in_bucket(
-        which, buckets, functools.partial(_bucket_loss_and_grads, cfg, kernels), grads,
+        which if bucket is None else bucket, buckets,
+        functools.partial(_bucket_loss_and_grads, cfg, kernels), grads,
         params, xs, vals, indices, dead, num_dead)
 
 
@@ -264,16 +277,23 @@ def loss_and_grads_in_bucket(which, buckets: tuple[int, ...], bucket_loss_and_gr
     ``which`` names: 0 none ((0, grads) untouched), i the i-th of ``buckets`` (beyond the
     last: the last, more dead latents than it holds).
 
-    One two-way ``lax.cond`` per bucket rather than one ``lax.switch``: XLA then updates
-    the gradients in place (through a switch whose branches scatter into them, or pass them
-    through, it copies every [F, D] gradient first, even in the branch without dead
-    latents). On a GPU each cond is a round trip to the host (its predicate is read there),
-    seven a step here. A bisection over the buckets would take three, but its conds have two
-    branches that write the gradients, and XLA's plan copies them again (on the CPU 16
-    [F, D] copies instead of 2); one cond on "any dead latent" around these seven is
-    copy-free and would save six round trips while no latent is dead, at one more when
-    some are. Whether the round trips cost the step time is not measured yet.
+    ``which`` a Python int (a static bucket, chosen on the host from a bound on the dead
+    count: :class:`hsae_jax.train.auxk_buckets.AuxKBuckets`): that bucket's function
+    alone, no conditional. The bucket must hold every dead latent (or be the last): a
+    larger one gives the same loss and gradients (its extra columns are padding).
+
+    ``which`` an array (found on the device): one two-way ``lax.cond`` per bucket rather
+    than one ``lax.switch``: XLA then updates the gradients in place (through a switch
+    whose branches scatter into them, or pass them through, it copies every [F, D]
+    gradient first, even in the branch without dead latents). On a GPU each cond is a
+    round trip to the host (its predicate is read there): 0.3-0.38 ms each after an
+    encoder-sized matmul on an H100 (benchmarks/cond_cost.py), and the seven of an idle
+    AuxK cost the trainer's step 0.65 ms: the trainer picks the bucket on the host.
     """
+    if isinstance(which, int):
+        if which <= 0:
+            return jnp.float32(0.0), grads
+        return bucket_loss_and_grads(buckets[min(which, len(buckets)) - 1], grads, *args)
     which = jnp.minimum(which, len(buckets))
     loss = jnp.float32(0.0)
     for i, n in enumerate(buckets):

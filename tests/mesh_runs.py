@@ -7,7 +7,8 @@ Run as ``python tests/mesh_runs.py checks BACKEND OUT.npz steps,topk,memory`` wi
 
 - ``steps``: a few training steps from one state with dead latents spread unevenly over
   the latents (AuxK runs, in several column buckets) on meshes (1,1), (8,1), (2,4), (1,8),
-  beside the replicated one-device step of earlier versions;
+  beside the replicated one-device step of earlier versions, AuxK's bucket picked on the
+  host as the trainer does (and, with xla, found on the device on mesh (2,4));
 - ``topk``: the merged top-K of the sharded encoder on pre-activations full of exact ties,
   beside ``topk_encode`` on the whole matrix;
 - ``memory``: per-device sizes (``memory_analysis``) of the compiled step on model = 1..8;
@@ -28,6 +29,7 @@ import numpy as np
 
 from hsae_jax.model import init_arrays
 from hsae_jax.train import TrainConfig
+from hsae_jax.train.auxk_buckets import METRIC_KEYS, AuxKBuckets
 from hsae_jax.train.step import (
     make_mesh,
     make_optimizer,
@@ -36,6 +38,7 @@ from hsae_jax.train.step import (
 )
 
 MESHES = ("data=1,model=1", "data=8,model=1", "data=2,model=4", "data=1,model=8")
+DYNAMIC_MESH = "data=2,model=4"
 DEAD = (1, 2, 3, 9, 17, 40, 41, 42, 43, 44, 45, 46)  # uneven over blocks of 8 and of 16
 
 
@@ -52,13 +55,19 @@ def _start(tc: TrainConfig, batches):
     return params, {**stats, "tokens_since_fired": jnp.asarray(since)}
 
 
-def _run(step, tx, start, batches, place, put):
+def _run(step, tx, start, batches, place, put, buckets=None):
+    """Steps from ``start``; ``buckets``: an AuxKBuckets that picks each step's static AuxK
+    bucket as the trainer does (None: the step without one, as the replicated step)."""
     params, stats = place(jax.tree.map(jnp.copy, start))
     opt_state = place(tx.init(params))
     metrics = []
-    for x in batches:
-        params, stats, opt_state, m = step(params, stats, opt_state, put(x))
-        metrics.append({k: np.asarray(v) for k, v in m.items()})
+    for i, x in enumerate(batches):
+        bucket = {} if buckets is None else {"auxk_bucket": buckets.bucket(i)}
+        params, stats, opt_state, m = step(params, stats, opt_state, put(x), **bucket)
+        m = m if buckets is None else buckets.record(i, m)
+        metrics.append({k: np.asarray(v) for k, v in m.items() if k not in METRIC_KEYS})
+    if buckets is not None:
+        buckets.check()  # every step's bucket held its dead latents
     return params, stats, metrics
 
 
@@ -82,12 +91,18 @@ def check_steps(backend: str, steps: int = 3) -> dict:
     ref = _run(make_replicated_step(tc.sae, tx, make_mesh(1), kernels), tx, start, batches,
                lambda t: t, jnp.asarray)
     out = _flatten("reference", *ref)
-    for shape in MESHES:
+    runs = [(shape, True) for shape in MESHES]  # AuxK's buckets picked as the trainer does
+    if backend == "xla":  # and the bucket found on the device (seven conds), on one mesh
+        runs.append((DYNAMIC_MESH, False))
+    for shape, host_buckets in runs:
         layout = make_layout(shape)
         tx = make_optimizer(tc, layout)
+        buckets = AuxKBuckets(tc.sae, layout.axes, tc.batch_size,
+                              start[1]["tokens_since_fired"], 0) if host_buckets else None
         got = _run(make_train_step(tc.sae, tx, layout, kernels), tx, start, batches,
-                   layout.place, lambda x, layout=layout: layout.put_batch(x, tc.batch_size))
-        out.update(_flatten(shape, *got))
+                   layout.place, lambda x, layout=layout: layout.put_batch(x, tc.batch_size),
+                   buckets)
+        out.update(_flatten(shape if host_buckets else f"dynamic:{shape}", *got))
     return out
 
 
@@ -307,7 +322,7 @@ def reshard(work: str) -> None:
         layout = make_layout(shape)
         tx = make_optimizer(tc, layout)
         ckpt = Checkpointer(saved)
-        state, _ = ckpt.restore(abstract_state(layout, tc.sae, tx), step=3)
+        state, meta = ckpt.restore(abstract_state(layout, tc.sae, tx), step=3)
         ckpt.close()
         out.update({f"{shape}/restored/{k}": np.asarray(v)
                     for k, v in {**state["params"], **state["stats"]}.items()})
@@ -316,9 +331,13 @@ def reshard(work: str) -> None:
         step = make_train_step(tc.sae, tx, layout, tc.kernels())  # the step train() takes
         source = tc.open_source()
         params, stats, opt_state = state["params"], state["stats"], state["opt_state"]
+        buckets = AuxKBuckets(tc.sae, layout.axes, tc.batch_size,
+                              np.asarray(stats["tokens_since_fired"]), 3, meta["auxk_bound"])
         for i in range(3, 6):
             x = layout.put_batch(np.asarray(source.batch(i)), tc.batch_size)
-            params, stats, opt_state, _ = step(params, stats, opt_state, x)
+            params, stats, opt_state, m = step(params, stats, opt_state, x,
+                                               auxk_bucket=buckets.bucket(i))
+            buckets.record(i, m)
         out.update({f"{shape}/stepped/{k}": np.asarray(v) for k, v in params.items()})
         resumed = os.path.join(work, shape.replace(",", "_").replace("=", ""))
         shutil.copytree(saved, resumed)

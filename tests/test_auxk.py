@@ -17,6 +17,7 @@ from hsae_jax.auxk import (
     auxk_loss_reference,
     bucket_index,
     column_buckets,
+    static_bucket_index,
 )
 from hsae_jax.model import encode_arrays, init_arrays, sae_loss, sae_loss_and_grads, scale_inputs
 
@@ -211,6 +212,8 @@ def test_a_count_of_dead_latents_picks_the_smallest_bucket_that_holds_it():
     assert got == [0, 1, 1, 1, 2, 4, 4, 5, 7, 7, 8, 8]  # 8: beyond the largest (clamped)
     for c, i in zip(counts[1:], got[1:], strict=True):  # as jnp.searchsorted would say
         assert i == 1 + int(jnp.searchsorted(jnp.asarray(buckets), c))
+    # on the host (the trainer's static bucket), beyond the largest the largest
+    assert [static_bucket_index(buckets, c) for c in counts] == [min(i, 7) for i in got]
 
 
 def test_a_capped_auxk_uses_the_lowest_numbered_dead_latents(rng_seed):
@@ -266,11 +269,23 @@ def test_the_trainer_adds_auxk_gradients_in_place_to_the_dead_rows(backend, rng_
     np.testing.assert_allclose(value, ref_value, rtol=2e-5)
     expected = jax.tree.map(lambda g, r: g + cfg.auxk_coef * r, grads, ref_grads)
     chex.assert_trees_all_close(added, expected, rtol=2e-5, atol=1e-6)
+    # the bucket named on the host: 7 dead latents need bucket 4 (8 columns of 64); any
+    # larger one adds padding columns only
+    assert column_buckets(64)[3] == 8
+    for bucket in (4, 5, len(column_buckets(64))):
+        with jax.default_matmul_precision("highest"):
+            static_value, static = jax.jit(lambda p, g, bucket=bucket: auxk_loss_and_add_grads(
+                cfg, p, xs, vals, indices, dead, g, KernelSettings(backend), bucket))(
+                    params, grads)
+        np.testing.assert_allclose(static_value, value, rtol=1e-6)
+        chex.assert_trees_all_close(static, added, rtol=1e-6, atol=1e-7)
     none_dead = jnp.zeros((64,), bool)
-    value, same = jax.jit(lambda p, g: auxk_loss_and_add_grads(
-        cfg, p, xs, vals, indices, none_dead, g, KernelSettings(backend)))(params, grads)
-    assert float(value) == 0.0
-    chex.assert_trees_all_equal(same, grads)
+    for bucket in (None, 0):
+        value, same = jax.jit(lambda p, g, bucket=bucket: auxk_loss_and_add_grads(
+            cfg, p, xs, vals, indices, none_dead, g, KernelSettings(backend), bucket))(
+                params, grads)
+        assert float(value) == 0.0
+        chex.assert_trees_all_equal(same, grads)
 
 
 @pytest.mark.parametrize("dead", [[], [5, 6, 30]])

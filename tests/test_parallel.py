@@ -25,6 +25,7 @@ from hsae_jax.train import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = ("data=1,model=1", "data=8,model=1", "data=2,model=4", "data=1,model=8")
+DYNAMIC_MESH = "data=2,model=4"  # also run with AuxK's bucket found on the device (xla)
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 
 
@@ -50,13 +51,13 @@ def run_script(*args, devices: int = 8, timeout: int = 600):
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-def _compare_steps(result, prefix: str):
+def _compare_steps(result, prefix: str, dynamic: bool = False):
     """Every mesh against the replicated step at float32 tolerance (the replicated step adds
     AuxK's gradients in place to the dead rows, the sharded one differentiates AuxK: the
     same sums in other orders)."""
     ref = {k.split("/", 2)[2]: result[k] for k in result if k.startswith(f"{prefix}/reference/")}
     assert ref["metric/auxk_loss"].min() > 0  # dead latents: AuxK ran in every step
-    for mesh in MESHES:
+    for mesh in (*MESHES, *([f"dynamic:{DYNAMIC_MESH}"] if dynamic else [])):
         got = {k.split("/", 2)[2]: result[k] for k in result if k.startswith(f"{prefix}/{mesh}/")}
         assert set(got) == set(ref), mesh
         np.testing.assert_array_equal(got["tokens_since_fired"], ref["tokens_since_fired"],
@@ -76,7 +77,7 @@ def test_sharded_steps_equal_the_single_device_step(backend, tmp_path):
     checks = "steps,topk,memory" if backend == "xla" else "steps,topk"
     run_script("checks", backend, str(path), checks)
     result = dict(np.load(path))
-    _compare_steps(result, "steps")
+    _compare_steps(result, "steps", dynamic=backend == "xla")
 
     ref_vals, ref_idx = result["topk/reference/vals"], result["topk/reference/indices"]
     pre = result["topk/pre"]

@@ -31,6 +31,7 @@ from hsae_jax.parallel.auxk import sharded_auxk_loss_and_add_grads
 from hsae_jax.parallel.loss import sharded_sae_loss, sharded_sae_loss_and_grads
 from hsae_jax.parallel.mesh import DATA
 from hsae_jax.train import TrainConfig
+from hsae_jax.train.auxk_buckets import METRIC_KEYS, AuxKBuckets, host_dead_bound
 from hsae_jax.train.step import make_mesh, make_optimizer, make_replicated_step, make_train_step
 
 F, D, K, AUX_K, B = 256, 16, 4, 8, 32
@@ -65,12 +66,14 @@ def start(tc: TrainConfig, dead, seed: int = 0):
     return params, {**stats, "tokens_since_fired": jnp.asarray(since)}, batches
 
 
-def run_steps(tx, step, params, stats, batches):
+def run_steps(tx, step, params, stats, batches, **static):
+    """The steps on ``batches`` from (params, stats); metrics without the host's AuxK
+    reports (the replicated step has none)."""
     state = jax.tree.map(jnp.copy, (params, stats, tx.init(params)))
     metrics = []
     for x in batches:
-        *state, m = step(*state, x)
-        metrics.append(m)
+        *state, m = step(*state, x, **static)
+        metrics.append({k: v for k, v in m.items() if k not in METRIC_KEYS})
     return state, metrics
 
 
@@ -108,6 +111,112 @@ def test_a_capped_auxk_takes_the_same_latents_in_both_steps():
     got, got_metrics = run_steps(*sharded, params, stats, batches)
     assert float(got_metrics[0]["auxk_loss"]) > 0
     chex.assert_trees_all_close((got, got_metrics), (ref, ref_metrics), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- AuxK's bucket chosen on the host
+
+
+def one_step_reports(step, params, stats, x, bucket):
+    """(state, metrics) of one step with the static ``bucket``, reports kept."""
+    tx = both_steps()[2][0]
+    state = jax.tree.map(jnp.copy, (params, stats, tx.init(params)))
+    *state, m = step(*state, x, auxk_bucket=bucket)
+    return state, m
+
+
+def test_a_bucket_chosen_on_the_host_is_the_step_of_the_one_found_on_the_device():
+    """26 dead latents (bucket 32 of 4, 8, ..., 256): the step given bucket 32 or any larger
+    one (extra columns are padding) ends where the step that finds its bucket does, and
+    says its bucket held the dead latents; bucket 16 says it did not."""
+    tc, _, (tx, step) = both_steps()
+    params, stats, batches = start(tc, DEAD["10%"])
+    ref, ref_metrics = run_steps(tx, step, params, stats, batches[:1])
+    buckets = column_buckets(F)
+    assert buckets[3] == 32
+    for which in range(4, len(buckets) + 1):
+        got, m = one_step_reports(step, params, stats, batches[0], which)
+        assert bool(m["auxk_fits"]), which
+        m = {k: v for k, v in m.items() if k not in METRIC_KEYS}
+        chex.assert_trees_all_close((got, [m]), (ref, ref_metrics), rtol=1e-6, atol=1e-7)
+    _, short = one_step_reports(step, params, stats, batches[0], 3)
+    assert not bool(short["auxk_fits"])
+
+
+def test_bucket_0_with_no_dead_latent_is_the_step_bit_for_bit():
+    tc, _, (tx, step) = both_steps()
+    params, stats, batches = start(tc, [])
+    ref, ref_metrics = run_steps(tx, step, params, stats, batches)
+    got, metrics = run_steps(tx, step, params, stats, batches, auxk_bucket=0)
+    chex.assert_trees_all_equal((got, metrics), (ref, ref_metrics))
+
+
+def test_the_step_bounds_the_dead_count_two_steps_on():
+    """auxk_bound after step t is the host's count of counters one batch from dead_tokens,
+    and holds every latent dead at step t + 2 (firing only revives)."""
+    tc = config(dead_tokens=3 * B)  # a latent dies after 3 batches without firing
+    layout = make_layout("data=1,model=1", 1)
+    tx = make_optimizer(tc, layout)
+    step = make_train_step(tc.sae, tx, layout, KERNELS)
+    params, stats, _ = start(tc, DEAD["10%"])
+    rng = np.random.default_rng(5)
+    since = np.asarray(stats["tokens_since_fired"]).copy()
+    since[100:180] = rng.integers(0, 3 * B, size=80)  # some latents close to dying
+    state = jax.tree.map(jnp.copy, (params, {**stats, "tokens_since_fired": jnp.asarray(since)},
+                                    tx.init(params)))
+    reported = []
+    for i in range(4):
+        x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+        before = np.asarray(state[1]["tokens_since_fired"])
+        *state, m = step(*state, x)
+        after = np.asarray(state[1]["tokens_since_fired"])
+        reported.append(int(m["auxk_bound"]))
+        axes = layout.axes
+        assert reported[-1] == host_dead_bound(tc.sae.dead_tokens, axes, after, B, 1)
+        assert reported[-1] >= int(np.sum(after >= tc.sae.dead_tokens))
+        if i >= 2:  # the bound step i - 2 reported holds step i's dead latents
+            assert reported[i - 2] >= int(np.sum(before >= tc.sae.dead_tokens)), i
+        assert bool(m["auxk_fits"])
+
+
+def test_the_trainers_buckets_follow_the_dead_count_and_refuse_a_short_one():
+    """AuxKBuckets: the first two steps from the counters (exact, then one batch ahead),
+    then each step's from the bound two steps back; a report of a short bucket raises."""
+    tc = config(dead_tokens=100)
+    axes = make_layout("data=1,model=1", 1).axes
+    since = np.zeros(F, np.int32)
+    since[:3] = 100  # 3 dead now
+    since[3:40] = 70  # 37 more dead after one more batch of 32
+    planner = AuxKBuckets(tc.sae, axes, B, since, start=7)
+    assert planner.bucket(7) == 1  # bucket 4 holds 3
+    assert planner.bucket(8) == 5  # bucket 64 holds 40
+    planner.record(7, {"auxk_bound": jnp.int32(9), "auxk_fits": jnp.bool_(True), "loss": 1})
+    planner.record(8, {"auxk_bound": jnp.int32(0), "auxk_fits": jnp.bool_(True)})
+    assert planner.bucket(9) == 3 and planner.bucket(10) == 0
+    planner.record(9, {"auxk_bound": jnp.int32(1), "auxk_fits": jnp.bool_(False)})
+    with pytest.raises(RuntimeError, match="smaller than its dead latents"):
+        planner.bucket(11)
+    resumed = AuxKBuckets(tc.sae, axes, B, since, start=7, saved_bound=200)
+    assert resumed.bucket(7) == len(column_buckets(F))  # the saved bound, larger, counts
+    off = AuxKBuckets(config(auxk_coef=0.0).sae, axes, B, since, start=0)
+    assert off.bucket(0) == 0 and off.bucket(5) == 0
+
+
+def test_a_step_with_a_host_bucket_holds_no_conditional():
+    """The step the trainer runs (a static bucket) has no AuxK ``conditional`` (each one is
+    a round trip to the host on a GPU); the one that finds its bucket has one per bucket.
+    (On the CPU optax's non-finite skip compiles to one more, outside AuxK.)"""
+    tc = config(n_latents=4096, d_model=48, batch_size=64, k=8, aux_k=None)
+    layout = make_layout("data=1,model=1", 1)
+    params, stats = init_arrays(tc.sae, jax.random.key(0))
+    x = jnp.zeros((tc.batch_size, tc.sae.d_model), jnp.float32)
+    tx = make_optimizer(tc, layout)
+    step = make_train_step(tc.sae, tx, layout, tc.kernels())
+    state = (params, stats, tx.init(params), x)
+    conds = re.compile(r"\bconditional\(.*op_name=\"[^\"]*/auxk/")
+    found = step.lower(*state).compile().as_text()
+    assert len(conds.findall(found)) == len(column_buckets(4096)) == 7
+    for which in (0, 3, 7):
+        assert not conds.findall(step.lower(*state, auxk_bucket=which).compile().as_text())
 
 
 def one_device(fn, in_specs, out_specs):

@@ -41,9 +41,10 @@ from hsae_jax.encoder import topk_encode
 from hsae_jax.io_utils import atomic_write_json
 from hsae_jax.loss import TritonLossConfig, hierarchical_sae_loss
 from hsae_jax.model import SAEConfig, init_arrays, sae_loss_and_grads
-from hsae_jax.parallel import MeshShape, make_layout
+from hsae_jax.parallel import Layout, MeshShape, make_layout
 from hsae_jax.parallel.state import init_state
 from hsae_jax.topk import top_k
+from hsae_jax.train.auxk_buckets import AuxKBuckets
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.step import (
     apply_gradients,
@@ -81,6 +82,19 @@ class StepBenchSettings:
         base = dict(batch=64, n_latents=256, d_model=32, ks=(8,), topk_ks=(8,), iters=3,
                     warmup=1, impls=("hsae", "hsae-auxk", "naive-jax"))
         return cls(**{**base, **overrides})
+
+
+class BucketStep(NamedTuple):
+    """A trainer step with its static AuxK bucket bound (called and lowered alike)."""
+
+    jitted: Callable
+    auxk_bucket: int
+
+    def __call__(self, *args):
+        return self.jitted(*args, auxk_bucket=self.auxk_bucket)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, auxk_bucket=self.auxk_bucket)
 
 
 class TrainerStep(NamedTuple):
@@ -128,6 +142,11 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
     dead = jax.random.permutation(jax.random.key(1), f)[:int(dead_fraction * f)]
     stats["tokens_since_fired"] = stats["tokens_since_fired"].at[dead].set(cfg.dead_tokens)
     state = [params, stats, opt_state]
+    # AuxK's bucket as the trainer picks it (on the host, no conditional in the step): the
+    # counters are fixed with dead latents; without, none dies in a benchmark's few steps
+    axes = layout.axes if mesh else Layout(make_mesh(1)).axes
+    bucket = AuxKBuckets(cfg, axes, b, np.asarray(stats["tokens_since_fired"]), 0).bucket(0)
+    step = BucketStep(step, bucket)
 
     def run(x):
         fixed = jax.tree.map(jnp.copy, stats) if dead_fraction else state[1]

@@ -26,7 +26,8 @@ Two entry points, as in :mod:`hsae_jax.auxk`:
 - :func:`sharded_auxk_loss_and_add_grads`: what the sharded step calls after the main
   gradients: the value, and ``auxk_coef`` times its gradient added in place to the dead
   latents' rows of this device's gradient blocks (and to b_dec's, summed over ``model``),
-  inside the same switch, so a step with no dead latent does no AuxK work at all.
+  in the bucket the step names (chosen on the host from a bound on the dead count) or else
+  one found on the device, so a step with no dead latent does no AuxK work at all.
 
 With m = 1 and one device on ``data`` this is :func:`hsae_jax.auxk.auxk_loss_and_add_grads`
 step for step (same buckets, same mask, same b_dec mat-vec).
@@ -201,6 +202,38 @@ def _bucket_loss_and_grads(cfg, axes, kernels, columns, grads, params, xs, vals,
     return loss, grads
 
 
+# the step's bound on the dead count is for the state this many steps after the one it
+# takes (:func:`dead_bound`): the trainer reads it then, with one step still queued
+BOUND_LAG_STEPS = 2
+
+
+def dead_bound(cfg, axes: Axes, tokens_since_fired, tokens_per_step: int, steps_ahead: int):
+    """int32: the most latents any device of ``model`` can have dead ``steps_ahead`` steps
+    of ``tokens_per_step`` after counters ``tokens_since_fired`` [F/m] (none fires in
+    between: firing only revives), a bound on the dead count a later step's static AuxK
+    bucket must hold. Called inside ``shard_map``."""
+    soon = tokens_since_fired >= cfg.dead_tokens - steps_ahead * tokens_per_step
+    return axes.pmax_model(jnp.sum(soon, dtype=jnp.int32))
+
+
+def fits_bucket(cfg, axes: Axes, dead, bucket: int | None):
+    """bool: the static ``bucket`` (1-based into :func:`auxk_buckets`, 0 none) holds the
+    most dead latents (``dead`` [F/m]) any device has, or is the largest, or the device
+    chooses (None). Called inside ``shard_map``."""
+    buckets = auxk_buckets(cfg, axes)
+    if bucket is None or bucket >= len(buckets):
+        return jnp.bool_(True)
+    capacity = 0 if bucket <= 0 else buckets[bucket - 1]
+    return axes.pmax_model(jnp.sum(dead, dtype=jnp.int32)) <= capacity
+
+
+def auxk_buckets(cfg, axes: Axes) -> tuple[int, ...]:
+    """The static column counts of a device's AuxK buckets (ascending; F/m/q for the
+    divisors q of :func:`bucket_divisors`)."""
+    return column_buckets(cfg.n_latents // axes.model, cfg.auxk_max_fraction,
+                          bucket_divisors(axes))
+
+
 def _branch(cfg, axes: Axes, dead):
     """(num_dead over the dictionary, the buckets, the switch index: 0 while none is dead,
     else 1 + the index of the smallest bucket that holds the most dead latents any device
@@ -208,7 +241,7 @@ def _branch(cfg, axes: Axes, dead):
     local = jnp.sum(dead)
     num_dead = axes.psum_model(local)
     most = axes.pmax_model(local)  # the same bucket on every device of the axis
-    buckets = column_buckets(dead.shape[0], cfg.auxk_max_fraction, bucket_divisors(axes))
+    buckets = auxk_buckets(cfg, axes)
     return num_dead, buckets, bucket_index(buckets, most)
 
 
@@ -231,7 +264,8 @@ def sharded_auxk_loss(cfg, axes: Axes, params, b_dec, xs, vals, indices, dead,
 
 
 def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, dead, grads,
-                                    kernels, reconstruction=None, scores=None):
+                                    kernels, reconstruction=None, scores=None,
+                                    bucket: int | None = None):
     """(AuxK loss, ``grads`` plus ``cfg.auxk_coef`` times the AuxK gradient) inside
     ``shard_map``.
 
@@ -245,8 +279,12 @@ def sharded_auxk_loss_and_add_grads(cfg, axes: Axes, params, xs, vals, indices, 
     [B, D] x [D, n] product). Only the dead latents' rows of the
     W_enc / b_enc / W_dec blocks change, and b_dec's by the sum over ``model`` of the
     devices' shares; with no dead latent the gradients pass through untouched.
+    ``bucket``: a static bucket index (1-based into :func:`auxk_buckets`; 0: no AuxK) that
+    holds the most dead latents any device has, chosen on the host (no conditional); None:
+    found on the device (:func:`~hsae_jax.auxk.loss_and_grads_in_bucket`).
     """
     num_dead, buckets, which = _branch(cfg, axes, dead)
     return loss_and_grads_in_bucket(
-        which, buckets, functools.partial(_bucket_loss_and_grads, cfg, axes, kernels), grads,
+        which if bucket is None else bucket, buckets,
+        functools.partial(_bucket_loss_and_grads, cfg, axes, kernels), grads,
         params, xs, vals, indices, dead, num_dead, reconstruction, scores)

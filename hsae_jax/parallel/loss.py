@@ -129,13 +129,14 @@ def sharded_sae_loss(cfg: SAEConfig, axes: Axes, params, stats, x,
 
 
 def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
-                               kernels: KernelSettings):
+                               kernels: KernelSettings, auxk_bucket: int | None = None):
     """((loss, aux), grads) of this device's rows and blocks: ``jax.value_and_grad`` of
     :func:`sharded_sae_loss`, the way the step computes it: autodiff of everything but
     AuxK, then AuxK's value and gradient added in place to the dead latents' rows only
     (:func:`~hsae_jax.parallel.auxk.sharded_auxk_loss_and_add_grads`), so a step without
     dead latents does no AuxK work (the backward of a switch would write zero gradients
-    and every bucket's saved residuals)."""
+    and every bucket's saved residuals). ``auxk_bucket``: AuxK's static bucket
+    (:func:`~hsae_jax.parallel.auxk.sharded_auxk_loss_and_add_grads`)."""
     grad_fn = jax.value_and_grad(functools.partial(sharded_sae_loss, cfg, axes,
                                                    kernels=kernels, with_auxk=False),
                                  has_aux=True)
@@ -146,7 +147,8 @@ def sharded_sae_loss_and_grads(cfg: SAEConfig, axes: Axes, params, stats, x,
         with jax.named_scope("auxk"):
             auxk, grads = sharded_auxk_loss_and_add_grads(
                 cfg, axes, params, scale_inputs(stats, x), aux["vals"], aux["indices"], dead,
-                grads, kernels, reconstruction=aux["reconstruction"], scores=scores)
+                grads, kernels, reconstruction=aux["reconstruction"], scores=scores,
+                bucket=auxk_bucket)
         loss = loss + cfg.auxk_coef * auxk
         aux = {**aux, "auxk_loss": auxk}
     return (loss, aux), grads

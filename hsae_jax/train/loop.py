@@ -37,6 +37,7 @@ from hsae_jax.parallel import MeshShape, distributed, make_layout
 from hsae_jax.parallel.evaluate import evaluate_sharded
 from hsae_jax.parallel.state import abstract_state, host_arrays, init_state
 from hsae_jax.plots import plot_fvu_vs_k, plot_training_curves
+from hsae_jax.train.auxk_buckets import AuxKBuckets
 from hsae_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from hsae_jax.train.config import TrainConfig
 from hsae_jax.train.disk import check_disk_space
@@ -152,11 +153,11 @@ class _Records:
 
 
 def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl: str,
-                     resume: bool, out_dir: str, log, layout, abstract) -> tuple[dict, int]:
-    """(state, first step) laid out on ``layout``'s mesh: a fresh state, or the one in the
-    newest checkpoint that restores (newer ones that do not are named, skipped and set
-    aside), whatever mesh it was saved from. ``abstract``: the state's shapes and this
-    mesh's shardings (:func:`abstract_state`)."""
+                     resume: bool, out_dir: str, log, layout, abstract) -> tuple[dict, int, dict]:
+    """(state, first step, checkpoint meta ({} for a fresh state)) laid out on ``layout``'s
+    mesh: a fresh state, or the one in the newest checkpoint that restores (newer ones that
+    do not are named, skipped and set aside), whatever mesh it was saved from.
+    ``abstract``: the state's shapes and this mesh's shardings (:func:`abstract_state`)."""
     if resume:
         # the settings first: a checkpoint of other shapes would not restore anyway
         _, meta, _ = ckpt.newest_meta()
@@ -171,14 +172,14 @@ def _init_or_restore(tc: TrainConfig, cfg, tx, source, ckpt: Checkpointer, jsonl
             log(f"moved the checkpoint(s) that do not restore to {moved}")
         log(f"resuming {out_dir} at step {start}")
         _write_records(jsonl, read_records(jsonl, start, log))  # drop records past the checkpoint
-        return state, start
+        return state, start, meta
     sample = source.batch(0)
     used = finite_rows(sample, f"the first batch of the data ({source.describe()})")
     if used < sample.shape[0]:
         log(f"input scale and b_dec from {used} of the first batch's {sample.shape[0]} rows "
             "(rows with NaN or inf left out)")
     _write_records(jsonl, [])
-    return init_state(layout, cfg, tx, tc.seed, sample, tc.param_dtype), 0
+    return init_state(layout, cfg, tx, tc.seed, sample, tc.param_dtype), 0, {}
 
 
 def train(tc: TrainConfig, out_dir: str, *, resume: bool = False, source=None,
@@ -298,8 +299,11 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
     scratch = None if primary else tempfile.mkdtemp(prefix="hsae-records-")
     jsonl = os.path.join(scratch or out_dir, "metrics.jsonl")
     try:
-        state, start = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume, out_dir, log,
-                                        layout, abstract)
+        state, start, meta = _init_or_restore(tc, cfg, tx, source, ckpt, jsonl, resume,
+                                              out_dir, log, layout, abstract)
+        auxk = AuxKBuckets(cfg, layout.axes, tc.batch_size,
+                           host_arrays(state["stats"])["tokens_since_fired"], start,
+                           meta.get("auxk_bound"), log)
     except BaseException:
         ckpt.close()
         raise
@@ -324,7 +328,9 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
                          check_lag=CHECK_LAG)
     try:
         for step, x in batches:
-            *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x)
+            *values, metrics = step_fn(state["params"], state["stats"], state["opt_state"], x,
+                                       auxk_bucket=auxk.bucket(step))
+            metrics = auxk.record(step, metrics)
             state = dict(zip(("params", "stats", "opt_state"), values, strict=True))
             done = step + 1
             final = done == tc.steps
@@ -344,7 +350,8 @@ def _train(tc: TrainConfig, run: _SetUp, out_dir: str, resume: bool, progress: b
             if saves:
                 records.flush()
                 ckpt.save(done, state, {"step": done, "train_config": tc.to_flat(),
-                                        "skipped_steps": int(state["opt_state"].total_notfinite)})
+                                        "skipped_steps": int(state["opt_state"].total_notfinite),
+                                        "auxk_bound": auxk.saved(done)})
     finally:
         batches.close()
         records.close()
