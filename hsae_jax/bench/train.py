@@ -234,6 +234,8 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
 
             shutil.rmtree(run_dir)
         row = {"run": name}
+        buckets = []  # the trainer's AuxK buckets, as it names them when it first takes one
+        quiet = lambda m, b=buckets: b.append(m) if "AuxK on" in m else None  # noqa: E731
         started = time.perf_counter()
         start = 0  # the first timed step
         try:
@@ -246,16 +248,18 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
                 start = kill_latents(run_dir, tc, s.d_model, s.dead_fraction)
                 end = start + s.steps  # the saved 1-step settings would save every step
                 resume(run_dir, steps=end, save_every=end, eval_every=end,
-                       log_every=s.log_every, progress=False, log=lambda *_: None)
+                       log_every=s.log_every, progress=False, log=quiet)
             else:
-                train(tc, run_dir, progress=False, log=lambda *_: None)
+                train(tc, run_dir, progress=False, log=quiet)
             row.update(steady_tokens_per_s(run_dir, after=start))
             row["step_ms"] = s.batch / row["tokens_per_s"] * 1e3
         except Exception as err:  # noqa: BLE001 - one failure must not stop the table
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         row["wall_s"] = time.perf_counter() - started  # the whole run: compiling, saving too
+        row["auxk_buckets"] = buckets
         log(f"  {name}: {row.get('tokens_per_s', row.get('error'))} tokens/s, loader alone "
-            f"{row.get('loader_tokens_per_s', '-')}, {row['wall_s']:.0f} s")
+            f"{row.get('loader_tokens_per_s', '-')}, {row['wall_s']:.0f} s"
+            + "".join(f"\n    {b}" for b in buckets))
         rows.append(row)
     by = {r["run"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
