@@ -103,6 +103,30 @@ def kill_after_checkpoint(run, step):
         os.remove(run / name)
 
 
+def test_a_run_whose_latents_die_takes_auxks_buckets_and_resumes_bit_exact(tmp_path):
+    """Latents die and revive within 20 steps (dead after 3 batches): the loop takes the
+    step compiled for the bucket that holds them (named in the log when first taken), AuxK
+    trains them, and the run killed after its step-10 checkpoint and resumed (the bucket
+    bound saved with it) ends bit-identical to the uninterrupted run."""
+    tc = tiny(n_latents=256, dead_tokens=384)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    said = []
+    train(tc, str(straight), progress=False, log=said.append)
+    taken = [line for line in said if "AuxK on" in line]
+    assert len(taken) >= 2, said  # more than one bucket over the run
+    records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("auxk_loss", 0) > 0 for r in records)
+    assert not any(k.startswith("auxk_b") or k == "auxk_fits" for r in records for k in r)
+    ckpt = Checkpointer(str(straight))
+    assert ckpt.meta(10)["auxk_bound"] >= 0
+    ckpt.close()
+    shutil.copytree(straight, killed)
+    kill_after_checkpoint(killed, 10)
+    train(tc, str(killed), resume=True, progress=False, log=lambda *_: None)
+    chex.assert_trees_all_equal(HierarchicalTopKSAE.load(str(straight)).params(),
+                                HierarchicalTopKSAE.load(str(killed)).params())
+
+
 def test_training_on_a_float16_cache_resumes_bit_exact(tmp_path):
     """Rows mixed across shards, a held-out split, resume across epochs and shards."""
     from hsae_jax.data import CacheWriter
