@@ -29,6 +29,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, help="--train: steps per run (default 300)")
     p.add_argument("--rows", type=int, help="--train: rows of the data files (default 400000)")
     p.add_argument("--runs", type=_csv(str), help="--train: runs to make (default all)")
+    p.add_argument("--dead-tokens", type=int, help="--train: dead_tokens of the dead-latent "
+                   "runs (default 1000000, the trainer's)")
     p.add_argument("--work-dir", help="--train: where data files and run folders go")
     p.add_argument("--no-pieces", action="store_true", help="--step: skip per-piece timings")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
@@ -58,6 +60,7 @@ def _bench(args) -> int:
         overrides = {"batch": args.batch, "n_latents": args.n_latents, "d_model": args.d_model,
                      "k": args.ks[0] if args.ks else None, "steps": args.steps,
                      "rows": args.rows, "runs": args.runs, "work_dir": args.work_dir,
+                     "dead_tokens": args.dead_tokens,
                      "out": args.out}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         cls = train.TrainBenchSettings

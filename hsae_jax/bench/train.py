@@ -65,7 +65,10 @@ class TrainBenchSettings:
     steps: int = 300
     log_every: int = 25
     rows: int = 400_000
-    dead_tokens: int = 8192
+    # the trainer's default: with dead_tokens within a batch or two of 0 (8192 until the
+    # fourteenth session) AuxK's bucket bound (hsae_jax.train.auxk_buckets) also counts
+    # every live latent that skipped the last batch
+    dead_tokens: int = 1_000_000
     dead_fraction: float = 0.1
     synthetic_features: int = 16384
     synthetic_active: float = 48.0
