@@ -62,17 +62,14 @@ class SAEConfig:
       :mod:`hsae_jax.auxk`); 1: every dead latent.
     compute_dtype: ``"float32"`` or ``"bfloat16"`` for the encoder and decoder inputs
       (master weights stay float32; accumulation is float32).
-    auxk_dtype: ``"bfloat16"`` (the default) or ``"float32"`` (the operands as they are:
-      TF32 on GPUs at the default matmul precision) for the operands of AuxK's matmuls (its
+    auxk_dtype: ``"float32"`` (the operands as they are: TF32 on GPUs at the default
+      matmul precision) or ``"bfloat16"`` for the operands of AuxK's matmuls (its
       reconstruction from the dead latents and the products of its gradients; float32
-      accumulation). bfloat16 makes a step with 10% of the latents dead 1.2 ms faster on an
-      H100 (B=4096, F=65536, D=2304, K=64: 0.89 of the tokens/s without AuxK, against 0.83);
-      AuxK is an auxiliary loss for the dead latents only, the main objective is untouched.
-      The dead latents are the same either way, and so is each token's top aux_k of them
-      where the step keeps the main encoder's pre-activations (the trainer's default);
-      where AuxK computes the dead columns' pre-activations itself (the one-device
-      ``sae_loss``, ``--encoder-rows``, ``--auxk-max-fraction`` below 1), that product is
-      in this dtype too.
+      accumulation). The dead latents are the same either way, and so is each token's top
+      aux_k of them where the step keeps the main encoder's pre-activations (the trainer's
+      default); where AuxK computes the dead columns' pre-activations itself (the
+      one-device ``sae_loss``, ``--encoder-rows``, ``--auxk-max-fraction`` below 1), that
+      product is in this dtype too.
     Which backend runs the ops is not part of the model: see :class:`KernelSettings`.
     """
 
@@ -90,7 +87,7 @@ class SAEConfig:
         "1/4, 1/16 or 1/64; below 1 it caps AuxK's memory, and when more are dead the "
         "lowest-numbered dead latents take part")
     compute_dtype: str = setting("float32", "float32 or bfloat16 encoder/decoder inputs")
-    auxk_dtype: str = setting("bfloat16", "bfloat16 or float32 operands of AuxK's matmuls "
+    auxk_dtype: str = setting("float32", "float32 or bfloat16 operands of AuxK's matmuls "
                               "(float32 accumulation)")
 
     def __post_init__(self):

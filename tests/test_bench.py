@@ -85,11 +85,9 @@ def test_trainer_loop_runs_are_named_by_what_they_change():
     assert (cfg.auxk_coef, dead) == (0.0, False)
     _, cfg, dead = config("synthetic-no-scores")  # AuxK on, the scores not kept
     assert (cfg.auxk_coef, cfg.auxk_max_fraction, dead) == (default.auxk_coef, 0.25, False)
-    tc, cfg, dead = config("npy-float16-dead-auxk-f32")
+    tc, cfg, dead = config("npy-float16-dead-auxk-bf16")
     assert (tc.data, cfg.auxk_dtype, cfg.auxk_coef, dead) == (
-        "/data/x.npy", "float32", 1 / 32, True)
-    assert config("dead-auxk")[1].auxk_dtype == "bfloat16" == default.auxk_dtype
-    assert config("dead-auxk-bf16")[1].auxk_dtype == "bfloat16"
+        "/data/x.npy", "bfloat16", 1 / 32, True)
     assert config("dead-no-auxk")[1].auxk_coef == 0.0
     assert config("synthetic")[0].data is None
     for bad in ("synthetic-bf16", "dead-auxk-fp8", "npy-float64"):

@@ -4,9 +4,8 @@ Steps timed at (B, F, D) for each K, side by side in one process:
 - ``hsae``: hsae-jax's own trainer step (Triton top-k, sparse encoder backward, fused
   decoder loss, clip + Adam, decoder renorm, dead-latent counters), float32 inputs
   (TF32 matmuls), no latent dead; ``hsae-auxk``: the same with 10% of the latents dead in
-  every step, so AuxK runs (what a real run pays once latents die; AuxK's matmuls on
-  bfloat16 operands, the default), ``hsae-auxk-f32`` the same with them on float32
-  operands (``--auxk-dtype float32``);
+  every step, so AuxK runs (what a real run pays once latents die), ``hsae-auxk-bf16``
+  the same with AuxK's matmuls on bfloat16 operands (``--auxk-dtype bfloat16``);
   ``hsae-bf16`` (bf16 encoder/decoder inputs, float32 masters);
 - ``naive-jax``: the textbook JAX step: dense autodiff through the encoder matmul,
   ``jax.lax.top_k``, the seed's two kernels (through jax-triton) for the loss, Adam;
@@ -54,13 +53,13 @@ from hsae_jax.train.step import (
     make_train_step,
 )
 
-STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-auxk-f32", "hsae-bf16", "naive-jax",
+STEP_IMPLS = ("hsae", "hsae-auxk", "hsae-auxk-bf16", "hsae-bf16", "naive-jax",
               "torch")
 DEAD_FRACTION = 0.1  # hsae-auxk: this share of the latents is dead in every timed step
 # the hsae rows: (compute dtype, dead fraction, more trainer settings)
 HSAE_STEPS = {"hsae": ("float32", 0.0, {}),
               "hsae-auxk": ("float32", DEAD_FRACTION, {}),
-              "hsae-auxk-f32": ("float32", DEAD_FRACTION, {"auxk_dtype": "float32"}),
+              "hsae-auxk-bf16": ("float32", DEAD_FRACTION, {"auxk_dtype": "bfloat16"}),
               "hsae-bf16": ("bfloat16", 0.0, {})}
 
 

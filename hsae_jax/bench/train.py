@@ -46,13 +46,11 @@ from hsae_jax.train import TrainConfig, resume, train
 
 RUNS = ("synthetic", "npy-float32", "npy-float16", "cache-float16", "dead-auxk",
         "dead-no-auxk", "npy-float16-dead-auxk")
-# more runs by name: a "-f32" / "-bf16" suffix on a dead-auxk run puts AuxK's matmuls on
-# float32 / bfloat16 (the default) operands (--auxk-dtype), e.g. "dead-auxk-f32",
-# "npy-float16-dead-auxk-bf16";
+# more runs by name: a "-bf16" suffix on a dead-auxk run puts AuxK's matmuls on bfloat16
+# operands (--auxk-dtype bfloat16), e.g. "dead-auxk-bf16", "npy-float16-dead-auxk-bf16";
 # what AuxK costs while no latent is dead, beside "synthetic" (AuxK on, its [B, F] scores
 # kept, nothing dead): "synthetic-no-auxk" (--auxk-coef 0: no AuxK in the step) and
 # "synthetic-no-scores" (--auxk-max-fraction 0.25: AuxK on, its columns computed, not kept)
-AUXK_DTYPE_SUFFIXES = {"-f32": "float32", "-bf16": "bfloat16"}
 IDLE_AUXK_RUNS = {"synthetic-no-auxk": {"auxk_coef": 0.0},
                   "synthetic-no-scores": {"auxk_max_fraction": 0.25}}
 DEAD_SCALE = 0.1  # shrinks a latent's pre-activations out of every token's top K
@@ -203,18 +201,15 @@ def steady_tokens_per_s(run_dir: str, after: int = 0) -> dict:
 def run_settings(s: TrainBenchSettings, name: str, paths: dict[str, str]
                  ) -> tuple[dict, bool]:
     """(``hsae train`` settings, whether latents are killed) of the run ``name`` (one of
-    :data:`RUNS`, :data:`IDLE_AUXK_RUNS`, or a dead-auxk run with "-f32" or "-bf16");
-    ``paths``: the data files by name (:func:`write_data`)."""
+    :data:`RUNS`, :data:`IDLE_AUXK_RUNS`, or a dead-auxk run with "-bf16"); ``paths``: the
+    data files by name (:func:`write_data`)."""
     flat = _common(s)
-    base, auxk_dtype = name, None
-    for suffix, dtype in AUXK_DTYPE_SUFFIXES.items():
-        if name.endswith(suffix):
-            base, auxk_dtype = name[:-len(suffix)], dtype
+    base, bf16 = (name[:-len("-bf16")], True) if name.endswith("-bf16") else (name, False)
     if base in IDLE_AUXK_RUNS:
         return {**flat, **IDLE_AUXK_RUNS[base]}, False
-    if base not in RUNS or (auxk_dtype and not base.endswith("dead-auxk")):
+    if base not in RUNS or (bf16 and not base.endswith("dead-auxk")):
         raise ValueError(f"--runs: unknown run {name!r}; runs: {', '.join(RUNS)}, "
-                         f"{', '.join(IDLE_AUXK_RUNS)}, or a dead-auxk run with -f32 or -bf16")
+                         f"{', '.join(IDLE_AUXK_RUNS)}, or a dead-auxk run with -bf16")
     data = base.replace("-dead-auxk", "")
     if data in paths:
         flat.update(data=paths[data], eval_fraction=0.01)
@@ -222,8 +217,8 @@ def run_settings(s: TrainBenchSettings, name: str, paths: dict[str, str]
     if dead:
         flat.update(dead_tokens=s.dead_tokens, warmup_steps=1,  # the 1-step run takes it
                     auxk_coef=0.0 if base.endswith("no-auxk") else 1.0 / 32.0)
-    if auxk_dtype:
-        flat.update(auxk_dtype=auxk_dtype)
+    if bf16:
+        flat.update(auxk_dtype="bfloat16")
     return flat, dead
 
 
@@ -271,8 +266,8 @@ def run(settings: TrainBenchSettings, log=print) -> dict:
         rows.append(row)
     by = {r["run"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
-        base = by.get("dead-no-auxk" if r["run"].endswith(
-            ("dead-auxk", *(f"dead-auxk{x}" for x in AUXK_DTYPE_SUFFIXES))) else "synthetic")
+        base = by.get("dead-no-auxk" if r["run"].endswith(("dead-auxk", "dead-auxk-bf16"))
+                      else "synthetic")
         if r.get("tokens_per_s") and base and r["run"] != "synthetic":
             r["vs_baseline"] = r["tokens_per_s"] / base
     payload = {"benchmark": "trainer_loop", "device": common.device_info(),
