@@ -76,16 +76,26 @@ def _bf16_dot(a, b):  # float32 a, b
     return _bf16_dot_fwd(a, b)[0]
 
 
+def _dot16(a16, b16):
+    """bfloat16 a16 @ b16 with float32 accumulation. On the CPU, whose runtime cannot run
+    every bfloat16 x bfloat16 -> float32 dot ("Unsupported element type for
+    DotThunk::Execute" in the sharded step), the same products in float32: a product of
+    two bfloat16 values is exact in float32."""
+    if jax.default_backend() == "cpu":
+        return jnp.dot(a16.astype(jnp.float32), b16.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return jnp.dot(a16, b16, preferred_element_type=jnp.float32)
+
+
 def _bf16_dot_fwd(a, b):
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    return jnp.dot(a16, b16, preferred_element_type=jnp.float32), (a16, b16)
+    return _dot16(a16, b16), (a16, b16)
 
 
 def _bf16_dot_bwd(saved, g):
     a16, b16 = saved
     g16 = g.astype(jnp.bfloat16)
-    return (jnp.dot(g16, b16.T, preferred_element_type=jnp.float32),
-            jnp.dot(a16.T, g16, preferred_element_type=jnp.float32))
+    return _dot16(g16, b16.T), _dot16(a16.T, g16)
 
 
 _bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)

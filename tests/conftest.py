@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from hsae_jax import backends
+
+# the same examples on every run (a landing's CI must not turn red on a newly drawn one);
+# HYPOTHESIS_PROFILE=explore draws fresh examples
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ON_GPU = backends.cuda_available()
 KERNEL_BACKEND = "triton" if ON_GPU else "interpret"  # what runs the Triton kernels here

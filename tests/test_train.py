@@ -127,6 +127,17 @@ def test_a_run_whose_latents_die_takes_auxks_buckets_and_resumes_bit_exact(tmp_p
                                 HierarchicalTopKSAE.load(str(killed)).params())
 
 
+def test_auxk_on_bfloat16_operands_trains_on_the_cpu(tmp_path):
+    """--auxk-dtype bfloat16 with latents dying: XLA's CPU runtime cannot run some
+    bfloat16 x bfloat16 -> float32 dots of the step (it raised "Unsupported element type
+    for DotThunk::Execute"); the run trains and AuxK's loss is positive."""
+    tc = tiny(n_latents=256, dead_tokens=384, auxk_dtype="bfloat16", steps=10, eval_every=10,
+              save_every=10)
+    train(tc, str(tmp_path), progress=False, log=lambda *_: None)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("auxk_loss", 0) > 0 for r in records)
+
+
 def test_training_on_a_float16_cache_resumes_bit_exact(tmp_path):
     """Rows mixed across shards, a held-out split, resume across epochs and shards."""
     from hsae_jax.data import CacheWriter
