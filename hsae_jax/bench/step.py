@@ -126,7 +126,8 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
     put = lambda x: x  # noqa: E731
     if mesh is None:  # the step the trainer takes for these settings on one device
         tx = make_optimizer(tc)
-        step = make_train_step(cfg, tx, make_mesh(1), tc.kernels())
+        layout = Layout(make_mesh(1))
+        step = make_train_step(cfg, tx, layout, tc.kernels())
         params, stats = init_arrays(cfg, jax.random.key(0))
         opt_state = tx.init(params)
     else:
@@ -144,8 +145,7 @@ def trainer_step(b, f, d, k, dtype: str = "float32", dead_fraction: float = 0.0,
     state = [params, stats, opt_state]
     # AuxK's bucket as the trainer picks it (on the host, no conditional in the step): the
     # counters are fixed with dead latents; without, none dies in a benchmark's few steps
-    axes = layout.axes if mesh else Layout(make_mesh(1)).axes
-    bucket = AuxKBuckets(cfg, axes, b, np.asarray(stats["tokens_since_fired"]), 0).bucket(0)
+    bucket = AuxKBuckets(cfg, layout.axes, b, np.asarray(stats["tokens_since_fired"]), 0).bucket(0)
     step = BucketStep(step, bucket)
 
     def run(x):

@@ -216,15 +216,14 @@ def dead_bound(cfg, axes: Axes, tokens_since_fired, tokens_per_step: int, steps_
     return axes.pmax_model(jnp.sum(soon, dtype=jnp.int32))
 
 
-def fits_bucket(cfg, axes: Axes, dead, bucket: int | None):
-    """bool: the static ``bucket`` (1-based into :func:`auxk_buckets`, 0 none) holds the
-    most dead latents (``dead`` [F/m]) any device has, or is the largest, or the device
-    chooses (None). Called inside ``shard_map``."""
+def fits_bucket(cfg, axes: Axes, most, bucket: int | None):
+    """bool: the static ``bucket`` (1-based into :func:`auxk_buckets`, 0 none) holds
+    ``most``, the most dead latents any device has (:func:`dead_bound` 0 steps ahead), or
+    is the largest, or the device chooses (None). Called inside ``shard_map``."""
     buckets = auxk_buckets(cfg, axes)
     if bucket is None or bucket >= len(buckets):
         return jnp.bool_(True)
-    capacity = 0 if bucket <= 0 else buckets[bucket - 1]
-    return axes.pmax_model(jnp.sum(dead, dtype=jnp.int32)) <= capacity
+    return most <= (0 if bucket <= 0 else buckets[bucket - 1])
 
 
 def auxk_buckets(cfg, axes: Axes) -> tuple[int, ...]:

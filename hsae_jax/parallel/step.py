@@ -56,8 +56,12 @@ def make_sharded_step(cfg: SAEConfig, tx: optax.GradientTransformation, layout: 
     def local_step(params, stats, opt_state, x, auxk_bucket):
         (loss, aux), grads = sharded_sae_loss_and_grads(cfg, axes, params, stats, x, kernels,
                                                         auxk_bucket)
-        fits = fits_bucket(cfg, axes, stats["tokens_since_fired"] >= cfg.dead_tokens,
-                           auxk_bucket if cfg.auxk_coef > 0 else None)
+        if cfg.auxk_coef > 0:  # the most dead latents a device has now, in the bucket?
+            most = dead_bound(cfg, axes, stats["tokens_since_fired"], tokens_per_step=0,
+                              steps_ahead=0)
+            fits = fits_bucket(cfg, axes, most, auxk_bucket)
+        else:
+            fits = jnp.bool_(True)
         with jax.named_scope("data_mean"):  # the gradient all-reduce over data
             grads = axes.pmean_data(grads)
             loss = axes.pmean_data(loss)

@@ -68,10 +68,12 @@ class AuxKBuckets:
         self.taken: set[int] = set()
 
     def record(self, step: int, metrics: dict) -> dict:
-        """Keeps ``step``'s bound and fit report (not yet read: no wait); returns the
-        metrics without them."""
+        """Keeps ``step``'s bound and fit report (not yet read: no wait; none kept without
+        AuxK, whose steps have nothing to report); returns the metrics without them."""
         metrics = dict(metrics)
-        self.reports[step] = tuple(metrics.pop(k) for k in METRIC_KEYS)
+        report = tuple(metrics.pop(k) for k in METRIC_KEYS)
+        if self.buckets:
+            self.reports[step] = report
         return metrics
 
     def _read(self, step: int) -> None:
